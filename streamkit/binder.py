@@ -215,14 +215,14 @@ class Subscription(abc.ABC):
     async def release(self, delivery: Delivery) -> None:
         """Give a delivery back for redelivery. Ignored after close."""
 
-    async def record_attempt(self, delivery: Delivery) -> None:
+    async def record_attempt(self, delivery: Delivery) -> None:  # noqa: B027
         """Durably count one more attempt of ``delivery``, where the broker can.
 
         The runtime calls this before each retry, so that a restart between attempts
         does not reset the count. The default does nothing.
         """
 
-    async def extend(self, delivery: Delivery) -> None:
+    async def extend(self, delivery: Delivery) -> None:  # noqa: B027
         """Keep a long-running delivery from being redelivered; default: nothing."""
 
     @abc.abstractmethod
@@ -254,7 +254,7 @@ class Binder(abc.ABC):
         self.settings = settings if settings is not None else self.settings_model()
         self.name = name or self.type_name
 
-    # -- lifecycle -------------------------------------------------------------------
+    # -- lifecycle -------------------------------------------------------------
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -268,7 +268,7 @@ class Binder(abc.ABC):
         """Report whether the broker answers. Must not hang."""
         return Health(HealthStatus.UNKNOWN, "not supported")
 
-    # -- provisioning, publish, consume ---------------------------------------------
+    # -- provisioning, publish, consume ----------------------------------------
 
     async def provision_producer(self, spec: ProducerSpec) -> None:  # noqa: B027
         """Create the destination when it is missing (and allowed). Idempotent."""
@@ -281,7 +281,7 @@ class Binder(abc.ABC):
     async def subscribe(self, spec: ConsumerSpec) -> Subscription:
         """Provision and attach a consumer; return once it receives new records."""
 
-    # -- dead letters ------------------------------------------------------------------
+    # -- dead letters ----------------------------------------------------------
 
     def dead_letter_destination(self, spec: ConsumerSpec) -> str:
         """The dead-letter destination of a consumer: ``<destination>.<group>.dlq``."""
@@ -319,7 +319,7 @@ def binder_class(type_name: str) -> type[Binder]:
     raise BinderNotFound(
         f"No binder of type {type_name!r} is installed (installed: "
         f"{', '.join(installed) or 'none'}). Install it with "
-        f"`pip install streamkit-{type_name}` or `pip install 'streamkit[{type_name}]'`."
+        f"`pip install 'streamkit[{type_name}]'`."
     )
 
 
