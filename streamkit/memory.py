@@ -30,12 +30,14 @@ means "across binder restarts within one process". Tests take a private broker w
 * An anonymous subscription (``group=None``) has private state starting at the end
   of the log, dropped when it closes.
 
-Memory is bounded. Records every group has settled are trimmed. A partition holding
-``buffer_size`` untrimmed records makes ``publish`` wait for consumers, and raise
-:class:`~streamkit.errors.PublishTimeout` after ``publish_timeout`` seconds. A
-destination with no group at all keeps its newest ``buffer_size`` records per
-partition (retention, like a log with nobody subscribed), so a producer with no
-consumer never blocks. A subscription holds at most ``prefetch`` unsettled deliveries.
+Memory is bounded: a partition keeps at most ``buffer_size`` records. Settled
+records stay as history (for groups created later) until room is needed; then the
+oldest records every group has settled make way. When a full partition holds no
+such record, ``publish`` waits for consumers and raises
+:class:`~streamkit.errors.PublishTimeout` after ``publish_timeout`` seconds. With no
+group at all on a destination, nothing waits for consumers: the oldest records make
+way, like a log's retention. A subscription holds at most ``prefetch`` unsettled
+deliveries.
 
 The broker is driven from asyncio on one thread; it is not thread-safe.
 """
@@ -126,7 +128,7 @@ class _Signal:
                 future.set_result(None)
 
 
-# -- the broker -----------------------------------------------------------------------
+# -- the broker ----------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -171,7 +173,6 @@ class _Partition:
         if self._head > 1024 and self._head * 2 > len(self._entries):
             del self._entries[: self._head]
             self._head = 0
-        self.space.notify()
 
 
 class _Cursor:
@@ -267,13 +268,13 @@ class _Destination:
     def drop_group(self, group: _Group) -> None:
         self.anonymous.discard(group)
         for part in self.partitions:
-            self.trim(part.index)
+            part.space.notify()
 
-    def trim(self, partition: int) -> None:
-        """Drop what every group has settled; with no group, keep everything."""
+    def settled_below(self, partition: int) -> int:
+        """The offset below which every group has settled the partition."""
+        part = self.partitions[partition]
         cursors = [group.cursors[partition] for group in self.all_groups()]
-        if cursors:
-            self.partitions[partition].trim(min(c.committed for c in cursors))
+        return min((c.committed for c in cursors), default=part.end)
 
     def select_partition(self, record: Record) -> int:
         if record.partition is not None:
@@ -327,7 +328,7 @@ def _record_size(record: Record) -> int:
     return size + sum(len(k.encode()) + len(v) for k, v in record.headers.items())
 
 
-# -- the binder -----------------------------------------------------------------------
+# -- the binder ----------------------------------------------------------------
 
 
 class MemoryBinder(Binder):
@@ -358,7 +359,7 @@ class MemoryBinder(Binder):
         self._broker: MemoryBroker | None = None
         self._subscriptions: set[MemorySubscription] = set()
 
-    # -- lifecycle -------------------------------------------------------------------
+    # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
         if self._broker is None:
@@ -387,13 +388,13 @@ class MemoryBinder(Binder):
             )
         return self._broker
 
-    # -- provisioning ----------------------------------------------------------------
+    # -- provisioning ----------------------------------------------------------
 
     async def provision_producer(self, spec: ProducerSpec) -> None:
         broker = self._require_broker()
         broker.destination(spec.destination).ensure_partitions(spec.partition_count)
 
-    # -- publish ---------------------------------------------------------------------
+    # -- publish ---------------------------------------------------------------
 
     async def publish(self, spec: ProducerSpec, records: Sequence[Record]) -> None:
         dest = self._require_broker().destination(spec.destination)
@@ -427,8 +428,8 @@ class MemoryBinder(Binder):
     async def _append(self, dest: _Destination, record: Record) -> None:
         part = dest.partitions[dest.select_partition(record)]
         while len(part) >= self.settings.buffer_size:
-            if not dest.groups and not dest.anonymous:
-                part.trim(part.base + 1)  # retention: nobody will read it
+            if dest.settled_below(part.index) > part.base:
+                part.trim(part.base + 1)  # the oldest settled record makes way
                 break
             dest.changed.notify()  # let consumers see what is already there
             await part.space.wait()
@@ -436,7 +437,7 @@ class MemoryBinder(Binder):
         offset = part.append(stored)
         logger.debug("published %s/%d@%d", dest.name, part.index, offset)
 
-    # -- consume ---------------------------------------------------------------------
+    # -- consume ---------------------------------------------------------------
 
     async def subscribe(self, spec: ConsumerSpec) -> MemorySubscription:
         if spec.start_from not in ("earliest", "latest"):
@@ -559,7 +560,7 @@ class MemorySubscription(Subscription):
         self._in_flight[delivery.token] = delivery
         return delivery
 
-    # -- settle ----------------------------------------------------------------------
+    # -- settle ----------------------------------------------------------------
 
     async def ack(self, delivery: Delivery) -> None:
         self._settle(delivery, done=True)
@@ -577,7 +578,7 @@ class MemorySubscription(Subscription):
         cursor = self._group.cursors[partition]
         if done:
             cursor.settle(offset)
-            self._dest.trim(partition)
+            self._dest.partitions[partition].space.notify()
         else:
             cursor.give_back(offset)
         if freed or was_full or not done:
@@ -616,7 +617,7 @@ class MemorySubscription(Subscription):
         )
 
 
-# -- conformance ----------------------------------------------------------------------
+# -- conformance ---------------------------------------------------------------
 
 
 def conformance_profiles() -> list[BinderProfile]:

@@ -36,34 +36,37 @@ def records(count: int, key: bytes | None = None) -> list[Record]:
     return [Record(str(i).encode(), key=key) for i in range(count)]
 
 
-async def test_settled_records_are_trimmed_from_the_log(broker_name: str) -> None:
-    binder = await started(broker_name)
+async def test_settled_records_stay_as_history_until_room_is_needed(
+    broker_name: str,
+) -> None:
+    binder = await started(broker_name, buffer_size=4, publish_timeout=0.2)
     sub = await binder.subscribe(ConsumerSpec("t", group="g"))
-    await binder.publish(ProducerSpec("t"), records(10))
-
+    await binder.publish(ProducerSpec("t"), records(4))
     batch = await sub.next_batch()
     assert batch is not None
-    for delivery in batch[:4]:
+    for delivery in batch[:2]:
         await delivery.ack()
-
     part = get_broker(broker_name).destinations["t"].partitions[0]
-    assert (part.base, len(part)) == (4, 6)
+    assert (part.base, len(part)) == (0, 4)
+
+    await binder.publish(ProducerSpec("t"), [Record(b"4"), Record(b"5")])
+
+    assert (part.base, len(part)) == (2, 4)
     await binder.close()
 
 
-async def test_trimming_waits_for_the_slowest_group(broker_name: str) -> None:
-    binder = await started(broker_name)
+async def test_a_full_partition_waits_for_the_slowest_group(broker_name: str) -> None:
+    binder = await started(broker_name, buffer_size=3, publish_timeout=0.2)
     fast = await binder.subscribe(ConsumerSpec("t", group="fast"))
     await binder.subscribe(ConsumerSpec("t", group="slow"))
-    await binder.publish(ProducerSpec("t"), records(5))
-
+    await binder.publish(ProducerSpec("t"), records(3))
     batch = await fast.next_batch()
     assert batch is not None
     for delivery in batch:
         await delivery.ack()
 
-    part = get_broker(broker_name).destinations["t"].partitions[0]
-    assert (part.base, len(part)) == (0, 5)
+    with pytest.raises(PublishTimeout):
+        await binder.publish(ProducerSpec("t"), records(1))
     await binder.close()
 
 

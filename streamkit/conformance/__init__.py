@@ -140,11 +140,14 @@ class BinderProfile:
         )
 
 
-def discover_profiles() -> list[BinderProfile]:
+def discover_profiles(
+    broken: dict[str, str] | None = None,
+) -> list[BinderProfile]:
     """Every installed profile: memory first, then the entry points, by name.
 
-    ``STREAMKIT_PROFILES`` (comma-separated names) is applied by the pytest plugin,
-    not here.
+    An entry point that fails to load raises, unless ``broken`` is given: then its
+    error is stored there under the entry point's name and discovery goes on.
+    ``STREAMKIT_PROFILES`` and ``--profile`` are applied by the pytest plugin.
     """
     from ..memory import conformance_profiles
 
@@ -152,12 +155,20 @@ def discover_profiles() -> list[BinderProfile]:
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         if ep.value.startswith("streamkit.memory:"):
             continue
-        for profile in ep.load()():
-            if not isinstance(profile, BinderProfile):
+        try:
+            loaded = list(ep.load()())
+            bad = [p for p in loaded if not isinstance(p, BinderProfile)]
+            if bad:
                 raise TypeError(
-                    f"Entry point {ep.value!r} returned {profile!r}, not a "
+                    f"Entry point {ep.value!r} returned {bad[0]!r}, not a "
                     "streamkit.conformance.BinderProfile."
                 )
+        except Exception as exc:
+            if broken is None:
+                raise
+            broken[ep.name] = f"{ep.value}: {type(exc).__name__}: {exc}"
+            continue
+        for profile in loaded:
             found.setdefault(profile.name, profile)
     return list(found.values())
 
