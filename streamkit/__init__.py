@@ -1,7 +1,12 @@
-"""streamkit: event-driven microservices from plain Python functions."""
+"""streamkit: event-driven microservices from plain Python functions.
+
+Decorate functions on a :class:`StreamApp`; the runtime binds them to destinations on
+a broker through a binder chosen by configuration.
+"""
 
 from __future__ import annotations
 
+from .app import Bridge, StreamApp
 from .binder import (
     Binder,
     Capabilities,
@@ -13,20 +18,54 @@ from .binder import (
     Record,
     Subscription,
 )
-from .errors import *  # noqa: F403
-from .errors import __all__ as _errors_all
+from .config import Settings, load_settings
+from .converters import register_converter
+from .errors import (
+    BinderError,
+    BinderNotFound,
+    BrokerUnavailable,
+    ConfigError,
+    ConversionError,
+    HandlerError,
+    MessageTooLarge,
+    PublishError,
+    PublishTimeout,
+    StreamkitError,
+    SubscriptionClosed,
+    Unroutable,
+    UnsupportedContentType,
+)
 from .message import Message
+from .runtime import AppRunner
 
 __all__ = [
+    "AppRunner",
     "Binder",
+    "BinderError",
+    "BinderNotFound",
+    "Bridge",
+    "BrokerUnavailable",
     "Capabilities",
+    "ConfigError",
     "ConsumerSpec",
+    "ConversionError",
     "Delivery",
+    "HandlerError",
     "Health",
     "HealthStatus",
     "Message",
+    "MessageTooLarge",
     "ProducerSpec",
+    "PublishError",
+    "PublishTimeout",
     "Record",
+    "Settings",
+    "StreamApp",
+    "StreamkitError",
     "Subscription",
-    *_errors_all,
+    "SubscriptionClosed",
+    "Unroutable",
+    "UnsupportedContentType",
+    "load_settings",
+    "register_converter",
 ]

@@ -23,8 +23,12 @@ The contract, which the conformance suite (:mod:`streamkit.conformance`) checks:
   group) or ``release()`` (give back; redelivered, to this or another member).
   Deliveries left unsettled when a subscription closes or its process dies are
   redelivered. Settling after close is ignored, never sent on a new connection.
-* ``Delivery.attempt`` is the 1-based delivery attempt as the broker knows it; binders
-  that can count deliveries durably set :attr:`Capabilities.native_delivery_count`.
+* ``Delivery.attempt`` is 1 + the number of failed handler attempts recorded for the
+  record with :meth:`Subscription.record_attempt`. It counts failures, not
+  deliveries: a record given back at shutdown, or redelivered after a crash in the
+  middle of an attempt, keeps its count, so a cancellation never uses up a retry.
+  Binders that keep the count across processes (so the retry limit holds across
+  restarts) set :attr:`Capabilities.native_delivery_count`.
 """
 
 from __future__ import annotations
@@ -216,10 +220,14 @@ class Subscription(abc.ABC):
         """Give a delivery back for redelivery. Ignored after close."""
 
     async def record_attempt(self, delivery: Delivery) -> None:  # noqa: B027
-        """Durably count one more attempt of ``delivery``, where the broker can.
+        """Record that one handler attempt on ``delivery`` failed.
 
-        The runtime calls this before each retry, so that a restart between attempts
-        does not reset the count. The default does nothing.
+        The runtime calls this right after a failed attempt that will be retried,
+        before the backoff. A later delivery of the same record (to any member of
+        the group, after a restart) must then report ``attempt`` one higher, so the
+        retry limit holds across restarts. Ideally durable; the default does nothing
+        (the count then restarts at 1 in a new process). Forget the count when the
+        record is acked.
         """
 
     async def extend(self, delivery: Delivery) -> None:  # noqa: B027

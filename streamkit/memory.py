@@ -19,8 +19,9 @@ means "across binder restarts within one process". Tests take a private broker w
   unkeyed one to partition 0.
 * A group keeps, per partition, the next offset to hand out, the offsets handed out
   and not yet settled, the offsets given back (served first, in offset order) and a
-  delivery count per offset (``Delivery.attempt``; :meth:`MemorySubscription.
-  record_attempt` adds one). Its committed position is its lowest unsettled offset.
+  count of failed attempts per offset (:meth:`MemorySubscription.record_attempt`
+  adds one; ``Delivery.attempt`` is that count + 1, so a give-back at shutdown never
+  uses up a retry). Its committed position is its lowest unsettled offset.
   Group state outlives its subscribers: subscribing again resumes, and a group
   created later starts at the earliest retained record (``start_from="latest"``:
   at the end).
@@ -540,7 +541,6 @@ class MemorySubscription(Subscription):
 
     def _hand_out(self, cursor: _Cursor, entry: _Entry) -> Delivery:
         attempt = cursor.attempts.get(entry.offset, 0) + 1
-        cursor.attempts[entry.offset] = attempt
         cursor.in_flight[entry.offset] = self
         cursor.hold(entry.record.key, self)
 

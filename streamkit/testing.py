@@ -9,7 +9,8 @@
             assert reply.payload == "HELLO"
 
 By default every binder of the app is replaced by a private in-memory broker, so tests
-need no configuration and never see each other's messages. With
+need no configuration and never see each other's messages; ``broker=`` shares one
+broker between two streams (a restart, or a second instance of a service). With
 ``use_configured_binders=True`` the app runs on the binders its settings name (the
 conformance suite runs the runtime cases on every broker that way).
 
@@ -70,6 +71,7 @@ class TestStream:
         overrides: Mapping[str, Any] | None = None,
         use_configured_binders: bool = False,
         shutdown_timeout: float = 5.0,
+        broker: str | None = None,
     ) -> None:
         self.app = app
         if isinstance(settings, Settings):
@@ -78,8 +80,12 @@ class TestStream:
             data = {"shutdown_timeout": shutdown_timeout, **(settings or {})}
             self.settings = validate_settings(deep_merge(data, overrides or {}))
         self._use_configured = use_configured_binders
-        self._broker = f"test-{uuid.uuid4().hex[:12]}"
-        self._group = f"streamkit-test-{uuid.uuid4().hex[:8]}"
+        #: The private in-memory broker; pass it as ``broker=`` to a second
+        #: TestStream to run a "restarted" or a second instance of an app on it.
+        self.broker = broker or f"test-{uuid.uuid4().hex[:12]}"
+        # Readers of outputs and dead letters are one group per broker, so a second
+        # TestStream on the same broker continues where the first one stopped.
+        self._group = f"streamkit-test-{self.broker}"
         self.runner: AppRunner | None = None
         self._bindings: dict[str, ResolvedBinding] = {}
         self._readers: dict[tuple[str, str], _Reader] = {}
@@ -90,7 +96,7 @@ class TestStream:
             return _default_binder(name, settings)
         from .memory import MemoryBinder, MemorySettings
 
-        return MemoryBinder(MemorySettings(broker=self._broker), name=name)
+        return MemoryBinder(MemorySettings(broker=self.broker), name=name)
 
     async def __aenter__(self) -> TestStream:
         _, bindings = resolve(self.app, self.settings)

@@ -408,10 +408,10 @@ class InputPipeline:
                     delay,
                     extra={**self._log_extra, "message_id": delivery.id},
                 )
-                await wait_or_stop(self._stop, delay)
-                attempt += 1
                 assert self.subscription is not None
                 await self.subscription.record_attempt(delivery)
+                await wait_or_stop(self._stop, delay)
+                attempt += 1
                 if isinstance(value, Message):
                     value.attempt = attempt
                 continue
@@ -462,12 +462,13 @@ class InputPipeline:
                 logger.warning("dead-letter publish failed (%s); retrying", err)
                 await wait_or_stop(self._stop, delay)
         logger.error(
-            "%s failed for good on %s (%s after %d attempt(s)); sent to the DLQ",
+            "%s failed for good on %s (%s after %d attempt(s)): %s; sent to the DLQ",
             self.fn.name,
             delivery.id,
             reason,
             attempts,
-            exc_info=exc,
+            exc,
+            exc_info=exc if reason != "decode" else None,
             extra=extra,
         )
         await delivery.ack()

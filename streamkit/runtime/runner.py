@@ -94,8 +94,7 @@ class _Producer:
             return
         if not self._publishing:
             self.task.cancel()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.task), timeout)
+        await asyncio.wait({self.task}, timeout=timeout)
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
 
