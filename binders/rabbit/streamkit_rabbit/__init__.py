@@ -1,0 +1,20 @@
+"""RabbitMQ binder for streamkit: destinations are exchanges, groups are queues."""
+
+from __future__ import annotations
+
+from .binder import RabbitBinder, RabbitSubscription
+from .settings import (
+    RabbitConsumerOptions,
+    RabbitProducerOptions,
+    RabbitSettings,
+    redact_url,
+)
+
+__all__ = [
+    "RabbitBinder",
+    "RabbitConsumerOptions",
+    "RabbitProducerOptions",
+    "RabbitSettings",
+    "RabbitSubscription",
+    "redact_url",
+]
