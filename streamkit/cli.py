@@ -19,7 +19,7 @@ import yaml
 from .app import StreamApp
 from .config import Settings, load_settings, redact
 from .errors import ConfigError, StreamkitError
-from .runtime.bindings import resolve
+from .runtime.bindings import binder_settings, resolve
 from .runtime.runner import AppRunner
 
 __all__ = ["main"]
@@ -167,6 +167,8 @@ def show_config(
     """Print the effective configuration, secrets redacted."""
     try:
         settings = _settings(config, overrides, binder)
+        for name in settings.binders:
+            binder_settings(settings, name)
     except StreamkitError as exc:
         _fail(exc)
     data: dict[str, Any] = redact(settings.model_dump(mode="json"))

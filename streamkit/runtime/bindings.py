@@ -159,7 +159,7 @@ def resolve(
             except ConfigError as exc:
                 key = f"bindings.{name}.binder" if bs.binder else "default_binder"
                 raise ConfigError(str(exc), key=key) from None
-            cls = binder_class(binder_type)
+            cls, _ = binder_settings(settings, binder_name)
             resolved.append(
                 ResolvedBinding(
                     name=name,
