@@ -214,6 +214,14 @@ class TestStream:
             for _ in range(count)
         ]
 
+    async def assert_no_dead_letter(self, binding: str, *, within: float = 0.3) -> None:
+        """Fail if a dead letter of ``binding`` arrives within ``within`` seconds."""
+        try:
+            message = await self.receive_dead_letter(binding, timeout=within)
+        except TimeoutError:
+            return
+        raise AssertionError(f"unexpected dead letter of {binding}: {message!r}")
+
     async def assert_nothing(self, frm: str, *, within: float = 0.3) -> None:
         """Fail if a message arrives on ``frm`` within ``within`` seconds."""
         try:
