@@ -141,7 +141,9 @@ class TestStream:
         reader = self._readers.get(("dlq", binding.name))
         if reader is None:
             binder = await self._binder(binding.binder)
-            spec = ConsumerSpec(binding.destination, group=binding.group)
+            spec = ConsumerSpec(
+                binding.destination, group=binding.group, options=binding.options
+            )
             sub = await binder.subscribe_dead_letters(spec, group=self._group)
             reader = _Reader(sub)
             self._readers[("dlq", binding.name)] = reader
