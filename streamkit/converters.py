@@ -12,9 +12,9 @@ Register more content types with :func:`register_converter`.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
@@ -67,7 +67,7 @@ class JsonConverter:
         if isinstance(value, BaseModel):
             return value.model_dump_json().encode()
         try:
-            return _adapter(type(value)).dump_json(value)
+            return _adapter(cast(Hashable, type(value))).dump_json(value)
         except Exception as exc:
             raise ConversionError(
                 f"cannot encode {type(value).__name__} as JSON: {exc}"

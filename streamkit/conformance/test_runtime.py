@@ -247,7 +247,7 @@ async def test_drain_finishes_in_flight_work_and_redelivers_the_rest(
         return msg.payload
 
     dest, out, group = names.destination(), names.destination("out"), names.group()
-    bindings = {
+    bindings: dict[str, dict[str, Any]] = {
         "work-in-0": {
             "destination": dest,
             "group": group,
@@ -297,7 +297,9 @@ async def test_retry_limit_holds_across_restarts(
 
     dest, group = names.destination(), names.group()
     slow = {"max_attempts": 3, "backoff_initial": 60}
-    bindings = {"handle-in-0": {"destination": dest, "group": group, "consumer": slow}}
+    bindings: dict[str, dict[str, Any]] = {
+        "handle-in-0": {"destination": dest, "group": group, "consumer": slow}
+    }
     first = stream(app, app_settings(profile, bindings, shutdown_timeout=0.5))
     async with first:
         await first.send(dest, {"id": 7})
@@ -329,7 +331,7 @@ async def test_failed_message_without_dlq_comes_back_after_restart(
             raise RuntimeError("odd one out")
 
     dest, group = names.destination(), names.group()
-    bindings = {
+    bindings: dict[str, dict[str, Any]] = {
         "handle-in-0": {
             "destination": dest,
             "group": group,

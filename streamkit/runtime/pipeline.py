@@ -369,12 +369,12 @@ class InputPipeline:
         max_attempts = self.consumer.max_attempts
         attempt = delivery.attempt
         if attempt > max_attempts:
-            exc = RuntimeError(
+            exhausted = RuntimeError(
                 f"delivered {attempt} times, more than max_attempts={max_attempts} "
                 "(earlier attempts were interrupted)"
             )
             await self._dead_letter(
-                delivery, exc, attempts=attempt - 1, reason="retries-exhausted"
+                delivery, exhausted, attempts=attempt - 1, reason="retries-exhausted"
             )
             return
         while True:
