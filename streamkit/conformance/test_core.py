@@ -235,9 +235,34 @@ async def test_released_deliveries_come_back(
 
     assert first, "nothing was delivered"
     assert ids(got) == set(range(total))
-    if profile.capabilities.native_delivery_count:
-        again = {id_of(d): d.attempt for d in got}
-        assert all(again[id_of(d)] >= 2 for d in first)
+    # A give-back is not a failed attempt: it keeps the count.
+    attempts = {id_of(d): d.attempt for d in got}
+    assert all(attempts[id_of(d)] == d.attempt for d in first)
+
+
+@pytest.mark.capability("consumer_groups", "native_delivery_count")
+async def test_a_recorded_failure_raises_the_attempt_of_the_next_delivery(
+    profile: ActiveProfile,
+    binder: Binder,
+    binder_factory: BinderFactory,
+    names: Names,
+) -> None:
+    dest, group = names.destination(), names.group()
+    sub = await binder.subscribe(profile.consumer_spec(dest, group=group))
+    await binder.publish(profile.producer_spec(dest), numbered(2))
+    first = await collect_ids(sub, range(2), profile.timeout(), ack=False)
+    assert ids(first) == {0, 1}
+    failed = next(d for d in first if id_of(d) == 0)
+
+    await sub.record_attempt(failed)
+    await sub.close()  # a restart between attempts must not reset the count
+    other = await (await binder_factory()).subscribe(
+        profile.consumer_spec(dest, group=group)
+    )
+    again = await collect_ids(other, range(2), profile.timeout(recovery=True))
+
+    attempts = {id_of(d): d.attempt for d in again}
+    assert attempts == {0: failed.attempt + 1, 1: 1}
 
 
 @pytest.mark.capability("consumer_groups")
@@ -477,6 +502,22 @@ async def test_an_anonymous_subscriber_is_ready_on_return(
 
         assert ids(got) == {round_}
         await sub.close()
+
+
+@pytest.mark.capability("broadcast")
+async def test_an_anonymous_subscriber_sees_only_what_follows_its_subscribe(
+    profile: ActiveProfile, binder: Binder, names: Names
+) -> None:
+    dest = names.destination()
+    group = await binder.subscribe(profile.consumer_spec(dest, group=names.group()))
+    await binder.publish(profile.producer_spec(dest), numbered(5))
+    await collect_ids(group, range(5), profile.timeout())  # the old ones are in
+
+    sub = await binder.subscribe(profile.consumer_spec(dest))
+    await binder.publish(profile.producer_spec(dest), numbered(5, start=5))
+    got = await collect_ids(sub, range(5, 10), profile.timeout())
+
+    assert ids(got) == set(range(5, 10))
 
 
 @pytest.mark.capability("broadcast")
