@@ -101,6 +101,49 @@ def _is_nogroup(exc: BaseException) -> bool:
     return isinstance(exc, rx.ResponseError) and "NOGROUP" in str(exc)
 
 
+_SAFE_CLASSES: dict[type[Any], type[Any]] = {}
+
+
+def _cancel_safe(connection_class: type[Any]) -> type[Any]:
+    """``connection_class`` with sends bounded by ``asyncio.timeout``.
+
+    redis-py bounds a send with ``asyncio.wait_for``, which on Python 3.11 swallows
+    a cancellation that arrives as the send completes: the cancelled command then
+    runs on (a blocking read blocks on) and the caller never sees the cancel.
+    """
+    found = _SAFE_CLASSES.get(connection_class)
+    if found is None:
+        found = type(
+            f"CancelSafe{connection_class.__name__}",
+            (_CancelSafeSend, connection_class),
+            {},
+        )
+        _SAFE_CLASSES[connection_class] = found
+    return found
+
+
+class _CancelSafeSend:
+    socket_timeout: float | None
+
+    async def send_packed_command(
+        self, command: Any, check_health: bool = True
+    ) -> None:
+        timeout = self.socket_timeout
+        send = super().send_packed_command  # type: ignore[misc]
+        if not timeout:
+            await send(command, check_health)
+            return
+        self.socket_timeout = None
+        try:
+            async with asyncio.timeout(timeout):
+                await send(command, check_health)
+        except TimeoutError as exc:
+            # The cancelled send already dropped the connection.
+            raise rx.TimeoutError("Timeout writing to socket") from exc
+        finally:
+            self.socket_timeout = timeout
+
+
 class _Backoff:
     """Exponential delays with full jitter, so restarts do not stampede."""
 
@@ -136,9 +179,9 @@ class RedisBinder(Binder):
         # server restart is the server's persistence configuration (RDB/AOF).
         persistence=True,
         replay_for_new_group=True,
-        # Kept per stream for one consumer; members of one group share entries
-        # round-robin, so order per key holds only with partitioned consumers.
-        ordering=False,
+        # Kept per partition (one stream, read by one partitioned consumer);
+        # unpartitioned members of a group share one stream round-robin.
+        ordering=True,
         native_delivery_count=True,
         crash_recovery_seconds=RedisSettings().crash_recovery_seconds,
         lease_extension=True,
@@ -215,11 +258,13 @@ class RedisBinder(Binder):
         )
 
     async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is None:
+        if self._client is None:
             return
+        # Subscriptions first: they flush acks and hand back entries on the client.
         await asyncio.gather(*(sub.close() for sub in list(self._subscriptions)))
-        await client.aclose()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
         logger.info("binder %s closed", self.name)
 
     async def health(self) -> Health:
@@ -260,6 +305,8 @@ class RedisBinder(Binder):
         if settings.tls_ca_file is not None:
             options["ssl_ca_certs"] = settings.tls_ca_file
         client = Redis.from_url(settings.url, **options)
+        pool = client.connection_pool
+        pool.connection_class = _cancel_safe(pool.connection_class)
         for command in _RAW_COMMANDS:
             client.set_response_callback(command, _raw_reply)
         return client
@@ -599,6 +646,7 @@ class RedisSubscription(Subscription):
         self.consumer = consumer
         self.failure = ""
         self._binder = binder
+        self._client = binder.require_client()
         self._settings = binder.settings
         self._streams = streams
         self._partition_of = {
@@ -643,7 +691,7 @@ class RedisSubscription(Subscription):
 
     @property
     def client(self) -> Redis:
-        return self._binder.require_client()
+        return self._client
 
     @property
     def group(self) -> str:
@@ -711,8 +759,8 @@ class RedisSubscription(Subscription):
         try:
             raw = await self._interruptible(self._reader.execute_command(*command))
         except rx.TimeoutError:
-            # A block that outlived the socket timeout is an empty read (C14); the
-            # connection was dropped, so a reply it carried is found in the PEL.
+            # Should a block still outlive the socket timeout, it is an empty read
+            # (C14): the connection was dropped, what it carried is in the PEL.
             logger.debug("blocking read on %s timed out; reading again", streams)
             await self._lost_step()
             return []
@@ -737,8 +785,8 @@ class RedisSubscription(Subscription):
             woken.cancel()
             if not read.done():
                 read.cancel()
-                await asyncio.wait({read})
                 await self._lost_step()
+                await asyncio.wait({read})
         if read.cancelled():
             return None
         return read.result()
@@ -907,6 +955,8 @@ class RedisSubscription(Subscription):
     # -- failures --------------------------------------------------------------------
 
     async def _on_connection_error(self, exc: BaseException) -> None:
+        if self._closed:
+            return
         if not self._backoff.failing:
             logger.warning(
                 "lost Redis at %s while consuming %s (%s); reconnecting with backoff",
@@ -1034,7 +1084,7 @@ class RedisSubscription(Subscription):
             await self._acker.close(timeout)
         self._in_flight.clear()
         self._released.clear()
-        if self.consumer is not None and self._binder._client is not None:
+        if self.consumer is not None:
             try:
                 async with asyncio.timeout(timeout):
                     await self._leave_group()
