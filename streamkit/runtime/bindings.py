@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +89,42 @@ def _adapt(value: Any, stage: FunctionDef, origin: Message[Any] | None) -> Any:
 
 
 BoundFunction = FunctionDef | Composite
+
+
+async def call_each(
+    fn: BoundFunction, values: list[Any]
+) -> tuple[list[list[Any]], Exception | None]:
+    """Call ``fn`` on each value in order, stopping at the first failure.
+
+    Returns the results of the calls that succeeded and the exception of the one that
+    failed (``None`` if all succeeded). A plain sync function runs the whole run in one
+    worker-thread hop instead of one hop per value.
+    """
+    if isinstance(fn, FunctionDef) and not (fn.is_async or fn.is_async_gen):
+        return await asyncio.to_thread(_call_each_sync, fn, values)
+    results: list[list[Any]] = []
+    for value in values:
+        try:
+            results.append(await fn.call(value))
+        except Exception as exc:
+            return results, exc
+    return results, None
+
+
+def _call_each_sync(
+    fn: FunctionDef, values: list[Any]
+) -> tuple[list[list[Any]], Exception | None]:
+    results: list[list[Any]] = []
+    for value in values:
+        try:
+            if fn.is_gen:
+                results.append([x for x in fn.func(value) if x is not None])
+            else:
+                result = fn.func(value)
+                results.append([] if result is None else [result])
+        except Exception as exc:
+            return results, exc
+    return results, None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from ..errors import (
     Unroutable,
 )
 from ..message import Headers, Message
-from .bindings import BoundFunction, ResolvedBinding
+from .bindings import BoundFunction, ResolvedBinding, call_each
 from .dead_letters import dead_letter_record
 
 __all__ = ["InputPipeline", "OutputPort", "Stopping"]
@@ -301,14 +301,23 @@ class InputPipeline:
     # -- handle ----------------------------------------------------------------
 
     async def _work(self, lane: asyncio.Queue[Delivery | None]) -> None:
+        # A lane takes whatever is queued (up to batch_size) in one go: a sync handler
+        # then runs the whole run in one worker-thread hop, and the outputs go to the
+        # broker in one publish. Order within the lane is kept throughout.
+        limit = self.spec.batch_size
         while True:
-            delivery = await lane.get()
-            if delivery is None:
-                return
+            batch = [await lane.get()]
+            while len(batch) < limit and not lane.empty():
+                batch.append(lane.get_nowait())
+            last = batch[-1] is None
+            deliveries = [d for d in batch if d is not None]
             if self._stop.is_set():
-                await self._release(delivery)
-                continue
-            await self._handle(delivery)
+                for delivery in deliveries:
+                    await self._release(delivery)
+            elif deliveries:
+                await self._handle(deliveries)
+            if last:
+                return
 
     def _decode(self, delivery: Delivery) -> Any:
         raw_type = delivery.headers.get("contentType")
@@ -349,54 +358,80 @@ class InputPipeline:
             c.backoff_initial * c.backoff_multiplier ** (attempt - 1), c.backoff_max
         )
 
-    async def _handle(self, delivery: Delivery) -> None:
-        # Shutdown is not a failure: no attempt is counted and the input is given
-        # back for redelivery, whether it was waiting for a retry or running.
+    async def _handle(self, batch: list[Delivery]) -> None:
+        # Shutdown is not a failure: no attempt is counted and unsettled inputs are
+        # given back for redelivery, whether waiting for a retry or running.
+        pending = list(batch)  # _handle_batch removes each delivery it settles
         try:
-            await self._handle_attempts(delivery)
+            await self._handle_batch(pending)
         except Stopping:
-            await self._release(delivery)
+            for delivery in pending:
+                await self._release(delivery)
         except asyncio.CancelledError:
-            await self._release(delivery)
+            for delivery in pending:
+                await self._release(delivery)
             raise
+        except Exception:
+            # A broker error while settling: the lane must keep going; whatever is
+            # unsettled is given back (or redelivered by the broker anyway).
+            logger.exception(
+                "binding %s: settling failed; giving back %d message(s)",
+                self.binding.name,
+                len(pending),
+                extra=self._log_extra,
+            )
+            for delivery in pending:
+                await self._release(delivery)
 
-    async def _handle_attempts(self, delivery: Delivery) -> None:
-        try:
-            value = self._decode(delivery)
-        except ConversionError as exc:
-            await self._dead_letter(delivery, exc, attempts=0, reason="decode")
-            return
+    async def _handle_batch(self, pending: list[Delivery]) -> None:
+        ready: list[tuple[Delivery, Any]] = []
+        for delivery in list(pending):
+            try:
+                ready.append((delivery, self._decode(delivery)))
+                continue
+            except ConversionError as exc:
+                await self._dead_letter(delivery, exc, attempts=0, reason="decode")
+            pending.remove(delivery)
+        ready = [item for item in ready if await self._within_limit(item[0], pending)]
+        while ready:
+            results, failure = await call_each(self.fn, [value for _, value in ready])
+            done = len(results)
+            await self._complete(ready[:done], results, pending)
+            if failure is None:
+                return
+            delivery, value = ready[done]
+            await self._retry(delivery, value, failure, pending)
+            ready = ready[done + 1 :]
+
+    async def _within_limit(self, delivery: Delivery, pending: list[Delivery]) -> bool:
+        """False (and dead-lettered) if earlier processes used up every attempt."""
+        max_attempts = self.consumer.max_attempts
+        if delivery.attempt <= max_attempts:
+            return True
+        exhausted = RuntimeError(
+            f"{delivery.attempt - 1} failed attempts were recorded before this "
+            f"delivery; max_attempts is {max_attempts}"
+        )
+        await self._dead_letter(
+            delivery, exhausted, delivery.attempt - 1, reason="retries-exhausted"
+        )
+        pending.remove(delivery)
+        return False
+
+    async def _retry(
+        self, delivery: Delivery, value: Any, exc: Exception, pending: list[Delivery]
+    ) -> None:
+        """Retry one failed input with backoff until it succeeds or is dead-lettered."""
         max_attempts = self.consumer.max_attempts
         attempt = delivery.attempt
-        if attempt > max_attempts:
-            exhausted = RuntimeError(
-                f"delivered {attempt} times, more than max_attempts={max_attempts} "
-                "(earlier attempts were interrupted)"
-            )
-            await self._dead_letter(
-                delivery, exhausted, attempts=attempt - 1, reason="retries-exhausted"
-            )
-            return
         while True:
-            try:
-                results = await self.fn.call(value)
-                records = (
-                    self.output.encode(results, delivery.key) if self.output else []
-                )
-            except Exception as exc:
-                if isinstance(exc, ConversionError):
-                    await self._dead_letter(delivery, exc, attempt, reason="encode")
-                    return
-                if not self._is_retryable(exc):
-                    await self._dead_letter(
-                        delivery, exc, attempt, reason="non-retryable"
-                    )
-                    return
-                if attempt >= max_attempts:
-                    await self._dead_letter(
-                        delivery, exc, attempt, reason="retries-exhausted"
-                    )
-                    return
+            if isinstance(exc, ConversionError):
+                reason = "encode"
+            elif not self._is_retryable(exc):
+                reason = "non-retryable"
+            elif attempt >= max_attempts:
+                reason = "retries-exhausted"
+            else:
                 delay = self._backoff(attempt)
                 logger.warning(
                     "%s failed on %s (attempt %d of %d): %r; retrying in %.2fs",
@@ -414,16 +449,75 @@ class InputPipeline:
                 attempt += 1
                 if isinstance(value, Message):
                     value.attempt = attempt
-                continue
-            if records:
-                assert self.output is not None
                 try:
-                    await self.output.publish(records)
-                except _PERMANENT as exc:
-                    await self._dead_letter(delivery, exc, attempt, reason="encode")
-                    return
-            await delivery.ack()
+                    results = await self.fn.call(value)
+                except Exception as err:
+                    exc = err
+                    continue
+                await self._complete([(delivery, value)], [results], pending, attempt)
+                return
+            await self._dead_letter(delivery, exc, attempt, reason=reason)
+            pending.remove(delivery)
             return
+
+    async def _complete(
+        self,
+        done: list[tuple[Delivery, Any]],
+        results: list[list[Any]],
+        pending: list[Delivery],
+        attempt: int | None = None,
+    ) -> None:
+        """Publish the outputs of handled inputs in one call, then ack the inputs."""
+        outputs: list[tuple[Delivery, list[Record]]] = []
+        for (delivery, _), result in zip(done, results, strict=True):
+            try:
+                records = (
+                    self.output.encode(result, delivery.key) if self.output else []
+                )
+            except ConversionError as exc:
+                await self._dead_letter(
+                    delivery, exc, attempt or delivery.attempt, reason="encode"
+                )
+                pending.remove(delivery)
+                continue
+            outputs.append((delivery, records))
+        if self.output is not None and any(records for _, records in outputs):
+            outputs = await self._publish(outputs, pending, attempt)
+        for delivery, _ in outputs:
+            await delivery.ack()
+            pending.remove(delivery)
+
+    async def _publish(
+        self,
+        outputs: list[tuple[Delivery, list[Record]]],
+        pending: list[Delivery],
+        attempt: int | None,
+    ) -> list[tuple[Delivery, list[Record]]]:
+        assert self.output is not None
+        try:
+            await self.output.publish([r for _, records in outputs for r in records])
+            return outputs
+        except _PERMANENT as exc:
+            if len(outputs) == 1:
+                delivery = outputs[0][0]
+                await self._dead_letter(
+                    delivery, exc, attempt or delivery.attempt, reason="encode"
+                )
+                pending.remove(delivery)
+                return []
+        # One record of the batch cannot be published (too large, unroutable):
+        # publish input by input to dead-letter only the input that produced it.
+        published = []
+        for delivery, records in outputs:
+            try:
+                await self.output.publish(records)
+                published.append((delivery, records))
+            except _PERMANENT as exc:
+                await self._dead_letter(
+                    delivery, exc, attempt or delivery.attempt, reason="encode"
+                )
+                pending.remove(delivery)
+        return published
 
     # -- settle ----------------------------------------------------------------
 
