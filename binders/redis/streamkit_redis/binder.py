@@ -670,9 +670,9 @@ class RedisSubscription(Subscription):
         )
         self._in_flight: dict[tuple[str, str], Delivery] = {}
         self._released: list[Delivery] = []
-        # Streams whose own pending list must be read again, and how to count it:
-        # at start the entries were held by an earlier incarnation ("redeliver").
-        self._resync: dict[str, str] = dict.fromkeys(streams, "redeliver")
+        # Streams whose own pending list must be read again: at start (entries an
+        # earlier incarnation held) and after a cut-off command.
+        self._resync: set[str] = set(streams)
         self._resync_after: dict[str, str] = {}
         self._claim_cursor: dict[str, str] = dict.fromkeys(streams, "0-0")
         self._next_claim = 0.0
@@ -796,12 +796,11 @@ class RedisSubscription(Subscription):
         await self._reader.connection_pool.disconnect()
         if self.consumer is None:
             return
-        for stream in self._streams:
-            self._resync.setdefault(stream, "refetch")
-            self._resync_after.pop(stream, None)
+        self._resync.update(self._streams)
+        self._resync_after.clear()
 
     async def _read_own_pending(self, room: int) -> list[Delivery]:
-        for stream, mode in list(self._resync.items()):
+        for stream in sorted(self._resync):
             after = self._resync_after.get(stream)
             rows = wire.parse_pending(
                 await self.client.execute_command(
@@ -815,7 +814,7 @@ class RedisSubscription(Subscription):
                 )
             )
             if not rows:
-                del self._resync[stream]
+                self._resync.discard(stream)
                 self._resync_after.pop(stream, None)
                 continue
             self._resync_after[stream] = rows[-1][0]
@@ -825,7 +824,7 @@ class RedisSubscription(Subscription):
                 if (stream, row[0]) not in self._in_flight
                 and not self._acker.holds(stream, row[0])
             ][:room]
-            batch = await self._claim_own(stream, mode, ids)
+            batch = await self._claim_own(stream, ids)
             if batch:
                 return batch
         return []
@@ -844,12 +843,14 @@ class RedisSubscription(Subscription):
                 self._claim_cursor[stream],
                 "COUNT",
                 room - len(batch),
+                # JUSTID leaves the delivery count alone: it counts failed attempts.
+                "JUSTID",
             )
             reply = wire.parse_autoclaim(raw)
             self._claim_cursor[stream] = reply.cursor
             for entry_id in reply.deleted:
                 await self._acker.ack(stream, entry_id, wait=False)
-            fresh = [e for e in reply.entries if (stream, e.id) not in self._in_flight]
+            fresh = [i for i in reply.claimed if (stream, i) not in self._in_flight]
             if fresh:
                 logger.info(
                     "claimed %d entries of %s idle for %d ms or more",
@@ -857,8 +858,7 @@ class RedisSubscription(Subscription):
                     stream,
                     self._claim_idle_ms,
                 )
-                counts = await self._delivery_counts(stream, [e.id for e in fresh])
-                batch += await self._deliver(stream, fresh, counts)
+                batch += await self._claim_own(stream, fresh)
             if len(batch) >= room:
                 break
         done = all(cursor == "0-0" for cursor in self._claim_cursor.values())
@@ -866,25 +866,11 @@ class RedisSubscription(Subscription):
         self._next_claim = time.monotonic() + (self._claim_interval if done else 0)
         return batch
 
-    async def _delivery_counts(self, stream: str, ids: list[str]) -> dict[str, int]:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for entry_id in ids:
-                pipe.execute_command(
-                    "XPENDING", stream, self.group, entry_id, entry_id, 1
-                )
-            replies = await pipe.execute()
-        counts: dict[str, int] = {}
-        for reply in replies:
-            for entry_id, _, _, count in wire.parse_pending(reply):
-                counts[entry_id] = count
-        return counts
-
-    async def _claim_own(
-        self, stream: str, mode: str, ids: list[str]
-    ) -> list[Delivery]:
+    async def _claim_own(self, stream: str, ids: list[str]) -> list[Delivery]:
+        """Hand out entries this consumer owns, with their counts."""
         if not ids:
             return []
-        rows = await self._run_own(stream, mode, ids)
+        rows = await self._run_own(stream, "fetch", ids)
         entries = [wire.Entry(i, wire._pairs(fields)) for i, fields, _ in rows]
         return await self._deliver(stream, entries, {i: n for i, _, n in rows})
 
@@ -931,7 +917,6 @@ class RedisSubscription(Subscription):
         taken, self._released = self._released[:room], self._released[room:]
         if self.consumer is None:
             for delivery in taken:
-                delivery.attempt += 1
                 self._in_flight[(delivery.token, delivery.id)] = delivery
             return taken
         batch: list[Delivery] = []
@@ -940,11 +925,10 @@ class RedisSubscription(Subscription):
             by_stream.setdefault(delivery.token, []).append(delivery.id)
         try:
             for stream, ids in by_stream.items():
-                batch += await self._claim_own(stream, "redeliver", ids)
+                batch += await self._claim_own(stream, ids)
         except BaseException:
             # Whatever was not handed out is still in the own pending list.
-            for stream in by_stream:
-                self._resync[stream] = "redeliver"
+            self._resync.update(by_stream)
             raise
         return batch
 
@@ -995,7 +979,7 @@ class RedisSubscription(Subscription):
         for stream in self._streams:
             await self._binder.ensure_group(stream, self.group, "0")
             self._claim_cursor[stream] = "0-0"
-        self._resync = dict.fromkeys(self._streams, "refetch")
+        self._resync = set(self._streams)
         self._resync_after.clear()
 
     async def _pause(self) -> None:

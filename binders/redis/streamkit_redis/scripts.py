@@ -7,33 +7,33 @@ from __future__ import annotations
 
 __all__ = ["CLAIM_OWN", "DELETE_IDLE_CONSUMER", "OWN_MODES"]
 
-#: What :data:`CLAIM_OWN` does to each entry still owned by the consumer:
+#: What :data:`CLAIM_OWN` does to each entry still owned by the consumer. The
+#: delivery count of a pending entry is the binder's attempt counter (1 + failed
+#: attempts), so only ``bump`` changes it:
 #:
-#: ``redeliver``  hand it out again, counting one more delivery (a give-back, or
-#:                an entry an earlier incarnation of this consumer held);
-#: ``refetch``    hand it out again without counting (an entry a cancelled read
-#:                received, which never reached the runtime);
-#: ``bump``       count one more attempt (the runtime retries in process);
-#: ``touch``      reset its idle time, so that no other member claims it (lease);
-#: ``expire``     make it look idle for ages, so the next claim scan of any member
-#:                takes it (a closing subscription gives its entries back).
-OWN_MODES = ("redeliver", "refetch", "bump", "touch", "expire")
+#: ``fetch``   read it, to hand it out (again);
+#: ``bump``    count one failed attempt;
+#: ``touch``   reset its idle time, so that no other member claims it (lease);
+#: ``expire``  make it look idle for ages, so the next claim scan of any member
+#:             takes it (a closing subscription gives its entries back).
+OWN_MODES = ("fetch", "bump", "touch", "expire")
 
 # XCLAIM with min-idle 0 would take an entry from whoever holds it, so each entry's
 # owner is checked first, in the same script, so that no claim can come between.
 # RETRYCOUNT sets the delivery count explicitly (XCLAIM would otherwise add one
-# unless JUSTID is given). Reply: one {id, fields or false, count} per owned entry;
-# fields are false for an entry that was deleted from the stream.
+# unless JUSTID is given, and JUSTID would not return the fields). Reply: one
+# {id, fields or false, count} per owned entry; fields are false for an entry that
+# was deleted from the stream.
 CLAIM_OWN = """
 local stream, group, consumer, mode = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
-local fetch = mode == 'redeliver' or mode == 'refetch'
+local fetch = mode == 'fetch'
 local out = {}
 for i = 4, #ARGV do
   local id = ARGV[i]
   local row = redis.call('XPENDING', stream, group, id, id, 1)[1]
   if row and row[2] == consumer then
     local count = row[4]
-    if mode == 'redeliver' or mode == 'bump' then count = count + 1 end
+    if mode == 'bump' then count = count + 1 end
     local args = {'XCLAIM', stream, group, consumer, 0, id, 'RETRYCOUNT', count}
     if mode == 'expire' then
       table.insert(args, 'IDLE')

@@ -60,8 +60,10 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class AutoclaimReply:
+    """Ids now claimed, and ids of deleted entries still found pending."""
+
     cursor: str
-    entries: list[Entry]
+    claimed: list[str]
     deleted: list[str]
 
 
@@ -149,17 +151,22 @@ def parse_stream_reply(raw: Any) -> dict[str, list[Entry]]:
 
 
 def parse_autoclaim(raw: Sequence[Any]) -> AutoclaimReply:
-    """XAUTOCLAIM in both shapes.
+    """XAUTOCLAIM, with or without JUSTID, in the Redis 6.2 and 7 shapes.
 
     Redis 6.2 answers ``[cursor, entries]`` and keeps deleted entries in the pending
-    list (shown as nil or as an id with nil fields); Redis 7 answers ``[cursor,
-    entries, deleted_ids]`` and drops the deleted ones from the pending list itself.
+    list (shown as nil, or as an id with nil fields; with JUSTID they look like any
+    other id); Redis 7 answers ``[cursor, entries, deleted_ids]`` and drops the
+    deleted ones from the pending list itself.
     """
-    entries = parse_entries(raw[1])
+    claimed: list[str] = []
     deleted = [_text(i) for i in raw[2]] if len(raw) > 2 and raw[2] else []
-    live = [e for e in entries if e.fields is not None]
-    deleted += [e.id for e in entries if e.fields is None]
-    return AutoclaimReply(_text(raw[0]), live, deleted)
+    for item in raw[1] or ():
+        if isinstance(item, bytes | str):
+            claimed.append(_text(item))
+        elif item is not None:
+            entry = parse_entries([item])[0]
+            (claimed if entry.fields is not None else deleted).append(entry.id)
+    return AutoclaimReply(_text(raw[0]), claimed, deleted)
 
 
 def parse_pending(raw: Iterable[Any] | None) -> list[tuple[str, str, int, int]]:
