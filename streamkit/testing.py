@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import converters
@@ -36,7 +37,59 @@ from .runtime.bindings import ResolvedBinding, resolve
 from .runtime.pipeline import decode_headers
 from .runtime.runner import AppRunner, _default_binder
 
-__all__ = ["TestStream"]
+__all__ = ["Recorder", "TestStream"]
+
+
+class Recorder:
+    """Collects what handlers saw and lets a test wait for a condition on it.
+
+    Safe to call :meth:`add` from sync handlers, which run in worker threads::
+
+        seen = Recorder()
+
+        @app.consumer
+        def handle(order: Order) -> None:
+            seen.add(order.id)
+
+        await seen.wait_for(lambda items: len(items) == 10, timeout=5)
+    """
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._waiters: list[tuple[Callable[[list[Any]], bool], asyncio.Event]] = []
+
+    def add(self, item: Any) -> None:
+        self.items.append(item)
+        if threading.get_ident() == self._loop_thread:
+            self._check()
+        else:
+            self._loop.call_soon_threadsafe(self._check)
+
+    def _check(self) -> None:
+        for condition, event in self._waiters:
+            if condition(self.items):
+                event.set()
+
+    async def wait_for(
+        self, condition: Callable[[list[Any]], bool], timeout: float = 5.0
+    ) -> list[Any]:
+        """Wait until ``condition(items)`` holds; TimeoutError after ``timeout``."""
+        event = asyncio.Event()
+        waiter = (condition, event)
+        self._waiters.append(waiter)
+        try:
+            if condition(self.items):
+                return self.items
+            await asyncio.wait_for(event.wait(), timeout)
+            return self.items
+        finally:
+            self._waiters.remove(waiter)
+
+    async def wait_count(self, count: int, timeout: float = 5.0) -> list[Any]:
+        """Wait until at least ``count`` items were added."""
+        return await self.wait_for(lambda items: len(items) >= count, timeout)
 
 
 class _Reader:

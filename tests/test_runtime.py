@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from streamkit import Message, StreamApp
-from streamkit.testing import TestStream
+from streamkit.testing import Recorder, TestStream
 
 FAST_RETRY = {"backoff_initial": 0.01, "backoff_max": 0.05}
 
@@ -141,12 +142,12 @@ async def test_failing_handler_is_retried_then_dead_lettered_with_headers() -> N
 async def test_retries_are_spaced_by_exponential_backoff() -> None:
     app = StreamApp()
     loop = asyncio.get_running_loop()
-    times: list[float] = []
+    times = Recorder()
 
     @app.consumer
     async def flaky(n: int) -> None:
-        times.append(loop.time())
-        if len(times) < 3:
+        times.add(loop.time())
+        if len(times.items) < 3:
             raise ValueError("not yet")
 
     settings = {
@@ -159,10 +160,11 @@ async def test_retries_are_spaced_by_exponential_backoff() -> None:
     }
     async with TestStream(app, settings) as stream:
         await stream.send("flaky-in-0", 1)
-        await stream.assert_nothing("flaky-in-0.g.dlq", within=0.8)
+        await times.wait_count(3)
+        await stream.assert_no_dead_letter("flaky-in-0")
 
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-    assert len(times) == 3
+    gaps = [b - a for a, b in itertools.pairwise(times.items)]
+    assert len(times.items) == 3
     assert 0.1 <= gaps[0] < 0.3
     assert 0.3 <= gaps[1] < 0.6
 
@@ -306,46 +308,47 @@ async def test_huge_exception_is_truncated_and_body_untouched() -> None:
 
 async def test_concurrency_keeps_order_per_key() -> None:
     app = StreamApp()
-    seen: dict[str, list[int]] = {}
+    seen = Recorder()
 
     @app.consumer
     async def record(msg: Message[int]) -> None:
-        await asyncio.sleep(0.001 * (msg.payload % 3))
-        assert isinstance(msg.key, str)
-        seen.setdefault(msg.key, []).append(msg.payload)
+        await asyncio.sleep(0.001 * (msg.payload % 3))  # jitter between lanes
+        seen.add((msg.key, msg.payload))
 
     settings = consumer_settings("record-in-0", concurrency=4)
     async with TestStream(app, settings) as stream:
         for i in range(200):
             await stream.send("record-in-0", i, key=f"k{i % 8}")
-        await _until(lambda: sum(map(len, seen.values())) == 200)
+        await seen.wait_count(200)
 
-    for key, values in seen.items():
+    by_key: dict[str, list[int]] = {}
+    for key, value in seen.items:
+        by_key.setdefault(key, []).append(value)
+    assert len(by_key) == 8
+    for key, values in by_key.items():
         assert values == sorted(values), key
 
 
 async def test_concurrency_runs_handlers_in_parallel() -> None:
     app = StreamApp()
-    running = 0
-    peak = 0
+    running = Recorder()
     release = asyncio.Event()
 
     @app.consumer
     async def slow(n: int) -> None:
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
+        running.add(n)
         await release.wait()
-        running -= 1
 
     settings = consumer_settings("slow-in-0", concurrency=4, ordering="none")
     async with TestStream(app, settings) as stream:
         for i in range(8):
             await stream.send("slow-in-0", i)
-        await _until(lambda: peak == 4)
+        await running.wait_count(4)
+        await stream.assert_nothing("slow-in-0.g.dlq", within=0.1)
+        started_before_release = len(running.items)
         release.set()
 
-    assert peak == 4
+    assert started_before_release == 4
 
 
 async def test_polled_producer_publishes_on_its_interval() -> None:
@@ -456,36 +459,30 @@ async def test_shutdown_cancels_a_slow_handler_without_counting_a_failure() -> N
         await stream.send("sleepy-in-0", 1)
         await asyncio.wait_for(started.wait(), 5)
     app2 = StreamApp()
-    got: list[Message[int]] = []
+    got = Recorder()
 
     @app2.consumer
     def sleepy(msg: Message[int]) -> None:  # noqa: F811 - same binding, new process
-        got.append(msg)
+        got.add(msg)
 
     # A new consumer in the same group on the same broker gets the message back,
     # and it was never dead-lettered.
     stream2 = TestStream(app2, settings, broker=stream.broker)
     async with stream2:
-        await _until(lambda: len(got) == 1)
-        await stream2.assert_nothing("sleepy-in-0.g.dlq")
+        await got.wait_count(1)
+        await stream2.assert_no_dead_letter("sleepy-in-0")
 
-    assert got[0].payload == 1
-
-
-async def _until(condition: Any, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.005)
+    assert [(m.payload, m.attempt) for m in got.items] == [(1, 1)]
 
 
 @pytest.mark.parametrize("dlq", [True, False])
 async def test_dlq_off_leaves_the_failed_message_for_redelivery(dlq: bool) -> None:
     app = StreamApp()
-    calls: list[int] = []
+    calls = Recorder()
 
     @app.consumer
     def fails_on_odd(n: int) -> None:
-        calls.append(n)
+        calls.add(n)
         if n % 2:
             raise RuntimeError("odd")
 
@@ -494,19 +491,19 @@ async def test_dlq_off_leaves_the_failed_message_for_redelivery(dlq: bool) -> No
     async with stream:
         for n in range(1, 5):
             await stream.send("fails_on_odd-in-0", n)
-        await _until(lambda: len(calls) == 4)
+        await calls.wait_count(4)
         if dlq:
             dead = [await stream.receive_dead_letter("fails_on_odd-in-0") for _ in "ab"]
             assert [d.payload for d in dead] == [b"1", b"3"]
     restarted = TestStream(app, settings, broker=stream.broker)
-    calls.clear()
+    calls.items.clear()
     async with restarted:
         if dlq:
-            await restarted.assert_nothing("fails_on_odd-in-0.g.dlq")
+            await restarted.assert_no_dead_letter("fails_on_odd-in-0")
         else:
-            await _until(lambda: sorted(calls) == [1, 3])
+            await calls.wait_count(2)
 
-    assert calls == ([] if dlq else [1, 3])
+    assert sorted(calls.items) == ([] if dlq else [1, 3])
 
 
 async def test_retry_limit_holds_across_a_restart_between_attempts() -> None:
