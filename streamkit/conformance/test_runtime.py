@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,7 +18,7 @@ from pydantic import BaseModel
 
 from ..app import StreamApp
 from ..message import Message
-from ..testing import TestStream
+from ..testing import Recorder, TestStream
 from .helpers import Names
 from .plugin import ActiveProfile, BinderFactory
 
@@ -30,30 +29,6 @@ FAST_RETRY = {"backoff_initial": 0.01, "backoff_multiplier": 2.0, "backoff_max":
 
 class Item(BaseModel):
     id: int
-
-
-class Seen:
-    """What a handler saw, with an event for "enough has been seen"."""
-
-    def __init__(self) -> None:
-        self.calls: list[int] = []
-        self.by_key: dict[str, list[int]] = defaultdict(list)
-        self._waiters: list[tuple[Callable[[], bool], asyncio.Event]] = []
-
-    def add(self, item_id: int, key: str | None = None) -> None:
-        self.calls.append(item_id)
-        if key is not None:
-            self.by_key[key].append(item_id)
-        for condition, event in self._waiters:
-            if condition():
-                event.set()
-
-    async def until(self, condition: Callable[[], bool], timeout: float) -> None:
-        event = asyncio.Event()
-        self._waiters.append((condition, event))
-        if condition():
-            event.set()
-        await asyncio.wait_for(event.wait(), timeout)
 
 
 def app_settings(
@@ -100,7 +75,7 @@ async def test_mixed_failures_are_retried_in_order_per_key(
     order per key, with no dead letters."""
     profile.require("ordering")
     app = StreamApp()
-    seen = Seen()
+    seen = Recorder()
     calls = 0
 
     @app.consumer
@@ -109,7 +84,7 @@ async def test_mixed_failures_are_retried_in_order_per_key(
         calls += 1
         if calls <= 2 or calls % 5 == 0:
             raise RuntimeError(f"call {calls} fails")
-        seen.add(msg.payload.id, str(msg.key))
+        seen.add((str(msg.key), msg.payload.id))
 
     count = profile.sized(60, 500)
     dest = names.destination()
@@ -126,11 +101,14 @@ async def test_mixed_failures_are_retried_in_order_per_key(
     async with stream(app, settings) as s:
         for i in range(count):
             await s.send(dest, {"id": i}, key=f"k{i % 8}")
-        await seen.until(lambda: len(seen.calls) >= count, profile.timeout() * 2)
+        await seen.wait_count(count, profile.timeout() * 2)
         await s.assert_no_dead_letter("handle-in-0")
 
-    assert sorted(seen.calls) == list(range(count))
-    for key, ids in seen.by_key.items():
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for key, item_id in seen.items:
+        by_key[key].append(item_id)
+    assert sorted(i for _, i in seen.items) == list(range(count))
+    for key, ids in by_key.items():
         assert ids == sorted(ids), f"key {key} out of order: {ids}"
 
 
@@ -140,7 +118,7 @@ async def test_retry_then_dead_letter_with_exact_attempts_and_headers(
     """Case 18 / C7-C8: exactly max_attempts calls, then the DLQ holds the original
     bytes and headers plus the exception and attempt headers."""
     app = StreamApp()
-    seen = Seen()
+    seen = Recorder()
 
     @app.consumer
     async def handle(item: Item) -> None:
@@ -166,10 +144,10 @@ async def test_retry_then_dead_letter_with_exact_attempts_and_headers(
         await s.send(dest, {"id": 2})
 
         dead = await s.receive_dead_letter("handle-in-0", timeout=profile.timeout())
-        await seen.until(lambda: 2 in seen.calls, profile.timeout())
+        await seen.wait_for(lambda items: 2 in items, profile.timeout())
 
-    assert seen.calls.count(1) == 3
-    assert seen.calls.count(0) == seen.calls.count(2) == 1
+    assert seen.items.count(1) == 3
+    assert seen.items.count(0) == seen.items.count(2) == 1
     assert dead.payload == b'{"id":1}'
     assert dead.key == "k1"
     assert dead.headers["x-trace"] == "abc-é"
@@ -187,7 +165,7 @@ async def test_poison_inputs_are_dead_lettered_once_and_neighbours_flow(
     """Case 19 / C4-C6: undecodable payloads go to the DLQ once with their bytes;
     a plain client's message and odd header bytes still reach the handler."""
     app = StreamApp()
-    seen = Seen()
+    seen = Recorder()
     headers_seen: list[dict[str, Any]] = []
 
     @app.consumer
@@ -217,13 +195,13 @@ async def test_poison_inputs_are_dead_lettered_once_and_neighbours_flow(
             await s.receive_dead_letter("handle-in-0", timeout=profile.timeout())
             for _ in poison
         ]
-        await seen.until(lambda: 101 in seen.calls, profile.timeout())
+        await seen.wait_for(lambda items: 101 in items, profile.timeout())
         await s.assert_no_dead_letter("handle-in-0")
 
-    assert sorted(seen.calls) == [0, 1, 2, 3, 4, 100, 101]
+    assert sorted(seen.items) == [0, 1, 2, 3, 4, 100, 101]
     assert sorted(d.payload or b"" for d in dead) == sorted(poison)
     assert {d.headers["x-dlq-reason"] for d in dead} == {"decode"}
-    last = headers_seen[seen.calls.index(101)]
+    last = headers_seen[seen.items.index(101)]
     assert last["x-unicode"] == "naïve ☃"
     assert last["x-binary"] == b"\xff\x00\xfe"
 
@@ -288,7 +266,7 @@ async def test_retry_limit_holds_across_restarts(
     although the process stops between attempts."""
     profile.require("native_delivery_count")
     app = StreamApp()
-    seen = Seen()
+    seen = Recorder()
 
     @app.consumer
     async def handle(item: Item) -> None:
@@ -303,7 +281,7 @@ async def test_retry_limit_holds_across_restarts(
     first = stream(app, app_settings(profile, bindings, shutdown_timeout=0.5))
     async with first:
         await first.send(dest, {"id": 7})
-        await seen.until(lambda: len(seen.calls) == 1, profile.timeout())
+        await seen.wait_count(1, profile.timeout())
 
     bindings["handle-in-0"]["consumer"] = {"max_attempts": 3}
     async with stream(app, app_settings(profile, bindings), broker=first.broker) as s:
@@ -311,7 +289,7 @@ async def test_retry_limit_holds_across_restarts(
             "handle-in-0", timeout=profile.timeout(recovery=True)
         )
 
-    assert seen.calls == [7, 7, 7]
+    assert seen.items == [7, 7, 7]
     assert dead.headers["x-attempts"] == "3"
 
 
@@ -322,7 +300,7 @@ async def test_failed_message_without_dlq_comes_back_after_restart(
     restarted consumer gets it again, although later messages succeeded."""
     profile.require("persistence")
     app = StreamApp()
-    seen = Seen()
+    seen = Recorder()
 
     @app.consumer
     async def handle(item: Item) -> None:
@@ -342,12 +320,12 @@ async def test_failed_message_without_dlq_comes_back_after_restart(
     async with first:
         for i in range(1, 5):
             await first.send(dest, {"id": i})
-        await seen.until(lambda: len(seen.calls) == 4, profile.timeout())
+        await seen.wait_count(4, profile.timeout())
 
-    seen.calls.clear()
+    seen.items.clear()
     async with stream(app, app_settings(profile, bindings), broker=first.broker):
-        await seen.until(
-            lambda: {1, 3} <= set(seen.calls), profile.timeout(recovery=True)
+        await seen.wait_for(
+            lambda items: {1, 3} <= set(items), profile.timeout(recovery=True)
         )
 
-    assert {1, 3} <= set(seen.calls)
+    assert {1, 3} <= set(seen.items)
