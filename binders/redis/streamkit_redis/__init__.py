@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from .binder import RedisBinder, RedisSubscription
+from .binder import RedisBinder
 from .settings import RedisConsumerOptions, RedisProducerOptions, RedisSettings
+from .subscription import RedisSubscription
 
 __all__ = [
     "RedisBinder",
