@@ -104,12 +104,18 @@ def main() -> None:
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )
+@click.option(
+    "--http",
+    metavar="HOST:PORT",
+    help="Serve /health, /metrics and /bindings (needs the ops extra).",
+)
 def run(
     app_path: str,
     config: str | None,
     overrides: tuple[str, ...],
     binder: str | None,
     log_level: str,
+    http: str | None,
 ) -> None:
     """Run APP (module:attribute) until Ctrl-C or SIGTERM."""
     logging.basicConfig(
@@ -119,7 +125,13 @@ def run(
     app = load_app(app_path)
     try:
         settings = _settings(config, overrides, binder)
-        asyncio.run(AppRunner(app, settings).run())
+        runner = AppRunner(app, settings)
+        services = []
+        if http:
+            from .ops import OpsServer, parse_address
+
+            services.append(OpsServer(runner, *parse_address(http)))
+        asyncio.run(runner.run(services))
     except StreamkitError as exc:
         _fail(exc)
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ import itertools
 import logging
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .. import converters
@@ -149,6 +150,17 @@ class OutputPort:
                 await wait_or_stop(self._stop, delay)
 
 
+@dataclass(slots=True)
+class BindingStats:
+    """Counters of one input binding (read by the metrics endpoint)."""
+
+    received: int = 0
+    processed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    held: int = 0  # failed for good with the DLQ off: left unacknowledged
+
+
 class InputPipeline:
     """Runs one input binding: fetch, dispatch to lanes, handle, settle.
 
@@ -177,16 +189,16 @@ class InputPipeline:
         self._retryable = set(consumer.retryable_exceptions)
         self._non_retryable = set(consumer.non_retryable_exceptions)
         self._stop = asyncio.Event()
-        self._lanes: list[asyncio.Queue[Delivery | None]] = [
-            asyncio.Queue(maxsize=spec.prefetch) for _ in range(consumer.concurrency)
-        ]
+        self._unpaused = asyncio.Event()
+        self._unpaused.set()
+        self._lanes: list[asyncio.Queue[Delivery | None]] = []
         self._round_robin = itertools.cycle(range(consumer.concurrency))
         self._workers: list[asyncio.Task[None]] = []
         self._fetcher: asyncio.Task[None] | None = None
         self.subscription: Subscription | None = None
         self.healthy = False
-        self.paused = False
-        self.held = 0  # finally-failed deliveries left unsettled (dlq off)
+        self.state = "stopped"
+        self.stats = BindingStats()
         self._log_extra = {
             "binding": binding.name,
             "destination": binding.destination,
@@ -195,8 +207,17 @@ class InputPipeline:
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
+        """Attach the subscription and start the lanes (also after :meth:`stop`)."""
+        if self.state != "stopped":
+            return
+        self._stop = asyncio.Event()
+        self._lanes = [
+            asyncio.Queue(maxsize=self.spec.prefetch)
+            for _ in range(self.consumer.concurrency)
+        ]
         self.subscription = await self.binder.subscribe(self.spec)
         self.healthy = True
+        self.state = "running"
         self._workers = [
             asyncio.create_task(self._work(lane), name=f"{self.binding.name}-lane-{i}")
             for i, lane in enumerate(self._lanes)
@@ -214,7 +235,11 @@ class InputPipeline:
     async def stop(self, timeout: float) -> None:
         """Stop fetching, release queued work, let in-flight handlers finish within
         ``timeout`` seconds, then cancel the rest (their inputs are redelivered)."""
+        if self.state == "stopped":
+            return
+        self.state = "stopping"
         self._stop.set()
+        self._unpaused.set()
         if self._fetcher is not None:
             self._fetcher.cancel()
             await asyncio.gather(self._fetcher, return_exceptions=True)
@@ -241,6 +266,18 @@ class InputPipeline:
         if self.subscription is not None:
             await self.subscription.close()
         self.healthy = False
+        self.state = "stopped"
+
+    def pause(self) -> None:
+        """Stop taking new messages; in-flight ones finish and are acked."""
+        if self.state == "running":
+            self._unpaused.clear()
+            self.state = "paused"
+
+    def resume(self) -> None:
+        if self.state == "paused":
+            self._unpaused.set()
+            self.state = "running"
 
     # -- fetch and dispatch ----------------------------------------------------
 
@@ -263,6 +300,8 @@ class InputPipeline:
                 async for batch in self.subscription:
                     failures = 0
                     self.healthy = True
+                    self.stats.received += len(batch)
+                    await self._unpaused.wait()  # a paused binding holds its batch
                     for delivery in batch:
                         await self._lane(delivery).put(delivery)
                 if self._stop.is_set():
@@ -443,6 +482,7 @@ class InputPipeline:
                     delay,
                     extra={**self._log_extra, "message_id": delivery.id},
                 )
+                self.stats.retried += 1
                 assert self.subscription is not None
                 await self.subscription.record_attempt(delivery)
                 await wait_or_stop(self._stop, delay)
@@ -486,6 +526,7 @@ class InputPipeline:
         for delivery, _ in outputs:
             await delivery.ack()
             pending.remove(delivery)
+        self.stats.processed += len(outputs)
 
     async def _publish(
         self,
@@ -533,7 +574,7 @@ class InputPipeline:
     ) -> None:
         extra = {**self._log_extra, "message_id": delivery.id}
         if not self.consumer.dlq:
-            self.held += 1
+            self.stats.held += 1
             logger.error(
                 "%s failed for good on %s (%s); dlq is off, so it stays unacknowledged "
                 "and is redelivered after a restart",
@@ -565,4 +606,5 @@ class InputPipeline:
             exc_info=exc if reason != "decode" else None,
             extra=extra,
         )
+        self.stats.dead_lettered += 1
         await delivery.ack()

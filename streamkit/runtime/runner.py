@@ -7,8 +7,8 @@ import contextlib
 import inspect
 import logging
 import signal
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from ..app import StreamApp
 from ..binder import Binder, ConsumerSpec, Health, HealthStatus, ProducerSpec
@@ -24,9 +24,17 @@ from .bindings import (
 )
 from .pipeline import InputPipeline, OutputPort, Stopping, wait_or_stop
 
-__all__ = ["AppRunner", "run_app"]
+__all__ = ["AppRunner", "Service", "run_app"]
 
 logger = logging.getLogger(__name__)
+
+
+class Service(Protocol):
+    """Something that runs beside the bindings, like the ops HTTP endpoint."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class _Producer:
@@ -234,9 +242,25 @@ class AppRunner:
         """Ask :meth:`run` to stop (signal handlers call this)."""
         self._stop.set()
 
-    async def run(self) -> None:
-        """Start, run until SIGINT/SIGTERM or :meth:`request_stop`, then stop."""
+    async def run(self, services: Sequence[Service] = ()) -> None:
+        """Start, run until SIGINT/SIGTERM or :meth:`request_stop`, then stop.
+
+        ``services`` (e.g. the ops HTTP endpoint) start after the bindings and close
+        before them.
+        """
         await self.start()
+        started: list[Service] = []
+        try:
+            for service in services:
+                await service.start()
+                started.append(service)
+            await self._wait_for_stop()
+        finally:
+            for service in reversed(started):
+                await service.close()
+            await self.stop()
+
+    async def _wait_for_stop(self) -> None:
         loop = asyncio.get_running_loop()
         installed = []
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -248,7 +272,6 @@ class AppRunner:
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
-            await self.stop()
 
     # -- bridge and health -----------------------------------------------------
 
@@ -273,6 +296,23 @@ class AppRunner:
             )
             self._bridge_ports[(name, destination, ct)] = port
         await port.publish(port.encode([message]))
+
+    def describe_bindings(self) -> list[dict[str, Any]]:
+        """Every binding: where it points and, for inputs, its state."""
+        rows = []
+        for b in self.bindings:
+            pipeline = self.inputs.get(b.name)
+            rows.append(
+                {
+                    "name": b.name,
+                    "direction": b.direction,
+                    "destination": b.destination,
+                    "group": b.group,
+                    "binder": b.binder,
+                    "state": pipeline.state if pipeline else "running",
+                }
+            )
+        return rows
 
     async def health(self) -> dict[str, Any]:
         """Health of every binder and binding; ``status`` is ``up`` only if all are."""
