@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import logging
 import os
 import sys
@@ -167,6 +168,25 @@ def bindings(
         click.echo(
             "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
         )
+
+
+@main.command()
+@click.argument("app_path", metavar="APP")
+@_config_option
+@_set_option
+@_binder_option
+def asyncapi(
+    app_path: str, config: str | None, overrides: tuple[str, ...], binder: str | None
+) -> None:
+    """Print an AsyncAPI 3.0 document (JSON) of APP's bindings and payload types."""
+    from .asyncapi import asyncapi_document
+
+    app = load_app(app_path)
+    try:
+        document = asyncapi_document(app, _settings(config, overrides, binder))
+    except StreamkitError as exc:
+        _fail(exc)
+    click.echo(json.dumps(document, indent=2))
 
 
 @main.command("config")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ UPPERCASE = ROOT / "samples" / "uppercase"
 @pytest.fixture
 def in_sample(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(UPPERCASE)
+    monkeypatch.delitem(sys.modules, "app", raising=False)  # another sample's app
     for name in list(os.environ):
         if name.startswith("STREAMKIT_BINDERS") or name == "STREAMKIT_CONFIG":
             monkeypatch.delenv(name)
@@ -128,3 +130,20 @@ def test_run_processes_messages_and_stops_cleanly_on_sigint() -> None:
     assert shouted == ["HELLO!", "STREAM!", "KIT!", "WORLD!"]
     assert process.returncode == 0
     assert "app uppercase stopped" in rest
+
+
+def test_asyncapi_describes_channels_and_payload_schemas(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(UPPERCASE.parent / "orders")
+    monkeypatch.delitem(sys.modules, "app", raising=False)
+
+    result = CliRunner().invoke(main, ["asyncapi", "app:app"])
+
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert document["asyncapi"] == "3.0.0"
+    invoice_in = document["channels"]["orders"]["messages"]["invoice-in-0-message"]
+    assert invoice_in["payload"]["title"] == "Order"
+    assert document["operations"]["invoice-in-0"]["action"] == "receive"
+    assert document["operations"]["invoice-in-0"]["x-group"] == "billing"
