@@ -36,7 +36,15 @@ def raw_reply(response: Any, **options: Any) -> Any:
 
 
 def is_nogroup(exc: BaseException) -> bool:
-    return isinstance(exc, rx.ResponseError) and "NOGROUP" in str(exc)
+    """The group (or its stream) is gone: FLUSHALL, DEL, a restart without data.
+
+    A read blocked on a stream that is deleted ends with ``UNBLOCKED``; the next
+    read would answer ``NOGROUP``.
+    """
+    text = str(exc)
+    return isinstance(exc, rx.ResponseError) and (
+        "NOGROUP" in text or text.startswith("UNBLOCKED")
+    )
 
 
 _SAFE_CLASSES: dict[type[Any], type[Any]] = {}
