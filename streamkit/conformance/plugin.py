@@ -195,7 +195,8 @@ def _unreachable(profile: BinderProfile, reason: str) -> str:
         else "start its broker"
     )
     return (
-        f"profile {profile.name!r}: broker not reachable: {reason}. To run these "
+        f"profile {profile.name!r}: broker not reachable: {reason.rstrip('.')}. "
+        "To run these "
         f"tests, {where}. (With CI=true this fails the run instead of skipping.)"
     )
 

@@ -334,7 +334,7 @@ async def test_concurrent_close_of_many_subscribers_then_all_new_records_arrive(
     dest, group = names.destination(), names.group()
     subs = [
         await binder.subscribe(profile.consumer_spec(dest, group=group))
-        for _ in range(profile.sized(8, 32))
+        for _ in range(profile.sized(4, 32))
     ]
     waiting = [asyncio.create_task(sub.next_batch()) for sub in subs[::2]]
 
