@@ -423,7 +423,7 @@ class MemoryBinder(Binder):
                 raise MessageTooLarge(
                     f"A record of {size} bytes for destination {spec.destination!r} "
                     f"exceeds max_message_bytes={limit} of memory binder "
-                    f"{self.name!r}; nothing was published from this record on."
+                    f"{self.name!r}; nothing of this batch was published."
                 )
 
     async def _append(self, dest: _Destination, record: Record) -> None:
