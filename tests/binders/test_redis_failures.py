@@ -58,8 +58,8 @@ def durable_server() -> Iterator[RedisServer]:
 async def health_becomes(binder: RedisBinder, ok: bool, timeout: float) -> None:
     # Health is pulled, like a readiness probe does: poll it, bounded.
     async with asyncio.timeout(timeout):
-        while (await binder.health()).ok is not ok:
-            await asyncio.sleep(0.05)  # noqa: ASYNC110
+        while (await binder.health()).ok is not ok:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
 
 
 def binder_for(url: str, **settings: object) -> RedisBinder:
