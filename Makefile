@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(BINDERS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,dev,ops]' \
+	$(BIN)/python -m pip install --quiet -e '.[test,dev,ops,otel]' \
 		$(foreach b,$(BINDERS),-e '$(dir $(b))[test]')
 	touch $(STAMP)
 

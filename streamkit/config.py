@@ -130,6 +130,7 @@ class Settings(BaseSettings):
         1.0, gt=0, description="default producer poll interval"
     )
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds to drain on stop")
+    tracing: bool = Field(False, description="OpenTelemetry spans (otel extra)")
 
     @classmethod
     def settings_customise_sources(

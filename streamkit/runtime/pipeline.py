@@ -9,7 +9,7 @@ import logging
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import converters
 from ..binder import Binder, ConsumerSpec, Delivery, ProducerSpec, Record, Subscription
@@ -24,6 +24,9 @@ from ..errors import (
 from ..message import Headers, Message
 from .bindings import BoundFunction, ResolvedBinding, call_each
 from .dead_letters import dead_letter_record
+
+if TYPE_CHECKING:
+    from ..tracing import Tracing
 
 __all__ = ["InputPipeline", "OutputPort", "Stopping"]
 
@@ -88,8 +91,10 @@ class OutputPort:
         content_type: str,
         partition_key: str | None,
         stop: asyncio.Event,
+        tracing: Tracing | None = None,
     ) -> None:
         self.binder = binder
+        self.tracing = tracing
         self.spec = spec
         self.content_type = content_type
         self.partition_key = partition_key
@@ -120,6 +125,8 @@ class OutputPort:
             body, content_type = converters.encode(message.payload, self.content_type)
             headers = {k: _as_bytes(v) or b"" for k, v in message.headers.items()}
             headers["contentType"] = content_type.encode()
+            if self.tracing is not None:
+                self.tracing.inject(headers)
             out_key = _as_bytes(message.key) if message.key is not None else key
             records.append(
                 Record(body, headers, out_key, self._partition(message, out_key))
@@ -177,8 +184,10 @@ class InputPipeline:
         binder: Binder,
         spec: ConsumerSpec,
         output: OutputPort | None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.fn = fn
+        self.tracing = tracing
         self.binding = binding
         self.binder = binder
         self.spec = spec
@@ -398,6 +407,14 @@ class InputPipeline:
         )
 
     async def _handle(self, batch: list[Delivery]) -> None:
+        if self.tracing is None:
+            await self._handle_run(batch)
+            return
+        for delivery in batch:  # one span per message
+            with self.tracing.consuming(delivery, self.spec):
+                await self._handle_run([delivery])
+
+    async def _handle_run(self, batch: list[Delivery]) -> None:
         # Shutdown is not a failure: no attempt is counted and unsettled inputs are
         # given back for redelivery, whether waiting for a retry or running.
         pending = list(batch)  # _handle_batch removes each delivery it settles
@@ -573,6 +590,8 @@ class InputPipeline:
         self, delivery: Delivery, exc: BaseException, attempts: int, *, reason: str
     ) -> None:
         extra = {**self._log_extra, "message_id": delivery.id}
+        if self.tracing is not None:
+            self.tracing.record_failure(exc)
         if not self.consumer.dlq:
             self.stats.held += 1
             logger.error(

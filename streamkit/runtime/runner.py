@@ -8,7 +8,7 @@ import inspect
 import logging
 import signal
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..app import StreamApp
 from ..binder import Binder, ConsumerSpec, Health, HealthStatus, ProducerSpec
@@ -23,6 +23,9 @@ from .bindings import (
     resolve,
 )
 from .pipeline import InputPipeline, OutputPort, Stopping, wait_or_stop
+
+if TYPE_CHECKING:
+    from ..tracing import Tracing
 
 __all__ = ["AppRunner", "Service", "run_app"]
 
@@ -56,10 +59,14 @@ class _Producer:
     async def _emit(self, results: list[Any]) -> None:
         if not results:
             return
-        records = self.port.encode(results)
         self._publishing = True
         try:
-            await self.port.publish(records)
+            tracing = self.port.tracing
+            if tracing is None:
+                await self.port.publish(self.port.encode(results))
+            else:
+                with tracing.publishing(self.port.spec.destination):
+                    await self.port.publish(self.port.encode(results))
         finally:
             self._publishing = False
 
@@ -138,12 +145,17 @@ class AppRunner:
         self._stop = asyncio.Event()
         self._stopped = asyncio.Event()
         self._started = False
+        self._tracing: Tracing | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
         """Connect binders and attach every binding; undo everything on failure."""
         functions, self.bindings = resolve(self.app, self.settings)
+        if self.settings.tracing:
+            from ..tracing import Tracing
+
+            self._tracing = Tracing(system="streamkit")
         try:
             await self._start(functions)
         except BaseException:
@@ -172,6 +184,7 @@ class AppRunner:
                     self.binders[binding.binder],
                     _consumer_spec(binding),
                     port,
+                    self._tracing,
                 )
                 await pipeline.start()
                 self.inputs[binding.name] = pipeline
@@ -209,6 +222,7 @@ class AppRunner:
             binding.settings.content_type,
             producer.partition_key,
             self._stop,
+            self._tracing,
         )
 
     async def stop(self, timeout: float | None = None) -> None:
@@ -293,6 +307,7 @@ class AppRunner:
                 ct,
                 None,
                 self._stop,
+                self._tracing,
             )
             self._bridge_ports[(name, destination, ct)] = port
         await port.publish(port.encode([message]))
