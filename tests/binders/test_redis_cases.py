@@ -135,6 +135,7 @@ async def test_cancelled_reads_lose_nothing_and_leave_no_connection_out_of_step(
     got += await collect_ids(sub, set(range(120)) - {id_of(d) for d in got}, WAIT)
 
     assert {id_of(d) for d in got} == set(range(120))
+    await sub.close()  # flushes the acks
     # Each payload matches its id: no reply was read for the wrong command.
     assert all(d.value == f"payload-{id_of(d)}".encode() for d in got)
     assert await pending_count(raw, stream, "g") == 0
@@ -210,6 +211,7 @@ async def test_a_long_handler_keeps_its_entry_from_other_members(
     stolen = await collect(other, 1, 1.2)
     await held[0].ack()
     late = await collect(other, 1, 0.5)
+    await holder.close()
 
     assert [id_of(d) for d in held] == [0]
     assert stolen == [] and late == []

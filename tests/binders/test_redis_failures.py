@@ -227,6 +227,7 @@ async def test_a_killed_consumers_entries_are_claimed_by_a_live_one(
 
     survivor = await binder.subscribe(ConsumerSpec(stream, group="g"))
     got: list[Delivery] = await collect_ids(survivor, range(total), WAIT)
+    await survivor.close()  # flushes the acks
     pending_after = (await shared.xpending(stream, "g"))["pending"]
     doomed = {
         row["name"]: row["pending"] for row in await shared.xinfo_consumers(stream, "g")

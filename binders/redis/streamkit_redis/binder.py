@@ -18,15 +18,17 @@ Mapping
 Delivery
 --------
 ``XREADGROUP`` in batches on a dedicated connection, blocking ``block_ms`` at a time.
-``Delivery.attempt`` is the entry's delivery count (``times_delivered`` of its
-pending entry), so the retry limit holds across processes. ``ack`` is ``XACK``
-(concurrent acks share one round trip); ``release`` hands the entry to this
-subscription again at once, counting one more delivery. Every
-``claim_interval_ms`` each member takes over entries that other members left idle
-for ``claim_idle_ms`` (``XAUTOCLAIM``, following the cursor through the whole
-pending list); a heartbeat keeps the entries this subscription holds fresh, so a
-long handler is not taken over while its process lives. A closing subscription
-marks what it still holds as idle, so any member takes it over at its next scan.
+The delivery count of an entry's pending-list record (``times_delivered``) is the
+attempt counter, 1 + failed attempts: ``record_attempt`` raises it, and every other
+re-read keeps it (``XAUTOCLAIM ... JUSTID``, ``XCLAIM ... RETRYCOUNT``), so the
+retry limit holds across processes and a crash or give-back uses up no attempt.
+``ack`` is ``XACK`` (concurrent acks share one round trip); ``release`` hands the
+entry to this subscription again at once. Every ``claim_interval_ms`` each member
+takes over entries that other members left idle for ``claim_idle_ms``
+(``XAUTOCLAIM``, following the cursor through the whole pending list); a heartbeat
+keeps the entries this subscription holds fresh, so a long handler is not taken
+over while its process lives. A closing subscription marks what it still holds as
+idle, so any member takes it over at its next scan.
 """
 
 from __future__ import annotations

@@ -30,25 +30,38 @@ T = TypeVar("T")
 
 
 class _Acker:
-    """Sends XACKs; acks that arrive while one round trip is out share the next."""
+    """Sends XACKs in the background; acks arriving meanwhile share the next trip.
+
+    ``ack`` returns once the XACK is queued, so a loop that acks one delivery at a
+    time does not pay a round trip for each. It waits for the XACK only while the
+    backlog is long or Redis is away (backpressure); ``close`` flushes the queue.
+    An ack lost with its process leaves the entry pending: it is delivered again.
+    """
+
+    MAX_BACKLOG = 1024
 
     def __init__(self, sub: RedisSubscription) -> None:
         self._sub = sub
         self._queued: dict[str, list[str]] = {}
+        self._sending: dict[str, list[str]] = {}
         self._waiters: list[asyncio.Future[None]] = []
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._failing = False
 
     def holds(self, stream: str, entry_id: str) -> bool:
-        return entry_id in self._queued.get(stream, ())
+        return entry_id in self._queued.get(
+            stream, ()
+        ) or entry_id in self._sending.get(stream, ())
 
-    async def ack(self, stream: str, entry_id: str, *, wait: bool = True) -> None:
+    async def ack(self, stream: str, entry_id: str, *, wait: bool = False) -> None:
         self._queued.setdefault(stream, []).append(entry_id)
         future = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
-        if wait:
+        backlog = sum(len(ids) for ids in self._queued.values())
+        if wait or self._failing or backlog > self.MAX_BACKLOG:
             # The XACK goes out even when the caller is cancelled meanwhile.
             await asyncio.shield(future)
 
@@ -56,7 +69,7 @@ class _Acker:
         backoff = Backoff()
         while self._queued:
             batch, waiters = self._queued, self._waiters
-            self._queued, self._waiters = {}, []
+            self._queued, self._waiters, self._sending = {}, [], batch
             try:
                 await self._send(batch)
             except Exception as exc:
@@ -69,12 +82,16 @@ class _Acker:
                     )
                     self._release(waiters)
                     return
+                self._failing = True
                 for stream, ids in batch.items():
                     self._queued.setdefault(stream, [])[:0] = ids
                 self._waiters[:0] = waiters
                 await asyncio.sleep(backoff.next())
                 continue
+            finally:
+                self._sending = {}
             backoff.reset()
+            self._failing = False
             self._release(waiters)
 
     async def _send(self, batch: dict[str, list[str]]) -> None:
@@ -323,7 +340,7 @@ class RedisSubscription(Subscription):
             reply = wire.parse_autoclaim(raw)
             self._claim_cursor[stream] = reply.cursor
             for entry_id in reply.deleted:
-                await self._acker.ack(stream, entry_id, wait=False)
+                await self._acker.ack(stream, entry_id)
             fresh = [i for i in reply.claimed if (stream, i) not in self._in_flight]
             if fresh:
                 logger.info(
@@ -367,7 +384,7 @@ class RedisSubscription(Subscription):
                     "pending entry %s of %s was deleted; acking it", entry.id, stream
                 )
                 if self.consumer is not None:
-                    await self._acker.ack(stream, entry.id, wait=False)
+                    await self._acker.ack(stream, entry.id)
                 continue
             value, headers, key = wire.decode_entry(entry.fields)
             delivery = Delivery(
@@ -547,7 +564,9 @@ class RedisSubscription(Subscription):
                 async with asyncio.timeout(timeout):
                     await self._leave_group()
             except (*CONNECTION_ERRORS, TimeoutError, rx.RedisError) as exc:
-                logger.warning(
+                # Without its group (deleted, or a restart lost it) nothing is held.
+                log = logger.debug if is_nogroup(exc) else logger.warning
+                log(
                     "could not hand back the pending entries of %s at close (%s); "
                     "members take them over after claim_idle_ms",
                     self.consumer,
