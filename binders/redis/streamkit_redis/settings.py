@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
@@ -61,8 +61,6 @@ class RedisSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # Present when the whole ``binders.<name>`` section is validated as is.
-    type: Literal["redis"] = "redis"
     url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
     username: str | None = None
     password: SecretStr | None = None
