@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from .binder import RabbitBinder, RabbitSubscription
+from .binder import RabbitBinder
 from .settings import (
     RabbitConsumerOptions,
     RabbitProducerOptions,
     RabbitSettings,
     redact_url,
 )
+from .subscription import RabbitSubscription
 
 __all__ = [
     "RabbitBinder",

@@ -7,26 +7,28 @@ task reconnects with exponential backoff (``reconnect_delay`` doubling up to
 ``reconnect_max_delay``); health is DOWN meanwhile. aio-pika's robust connection is
 not used: it restores channels, consumers and QoS behind the binder's back, so the
 binder could not tell which deliveries belong to a dead channel, nor report a
-consumer that cannot come back. Here every reconnection is explicit:
+consumer that cannot come back. Here every recovery is explicit: each subscription
+watches its own channel and attaches again (see :mod:`.subscription`); a
+subscription whose topology the broker refuses for good (an inequivalent queue, a
+vhost without permission) fails loudly: ``next_batch`` raises
+:class:`SubscriptionClosed` and health is DOWN.
 
-* Each subscription owns a channel (its QoS, its declarations, its consumers) and a
-  task that watches it. When the channel closes (the connection dropped, the broker
-  closed the channel, or cancelled a consumer because its queue went away) the task
-  drops the deliveries it buffered, waits for a connection, declares the topology
-  again, re-applies the prefetch and consumes again.
-* Each delivery carries the generation of the channel it came on. Settling a
-  delivery of an older generation is dropped, never sent on the new channel (the
-  broker has already requeued it, and its delivery tag means something else there).
-* A subscription whose topology the broker refuses for good (an inequivalent
-  queue, a vhost without permission) fails loudly: ``next_batch`` raises
-  :class:`SubscriptionClosed` and health is DOWN. Anything else is retried.
+Publishing
+----------
+One confirm channel: a batch is written in order, then all its confirms are awaited
+together (pipelined: several times faster than one confirm at a time), within
+``delivery_timeout``. Records that failed only because the connection dropped are
+published again once it is back, within the same deadline. Declarations of
+producers and DLQs go through a separate channel, so a refused declaration cannot
+close the channel other publishes are in flight on.
 
-Publishing uses one confirm channel: a batch is written in order without waiting,
-then every confirm is awaited together (pipelining, several times faster than one
-confirm at a time) within ``delivery_timeout``. Records that failed because the
-connection dropped are published again once it is back, still within the deadline.
-Declarations of producers and DLQs go through a separate channel, so a refused
-declaration cannot close the channel other publishes are in flight on.
+Attempts
+--------
+``Delivery.attempt`` counts failed handler attempts (``record_attempt``), not
+deliveries, and the count survives restarts: a failure moves the record to a copy
+that carries it (see :mod:`.subscription`). The binder also counts in the process,
+which is all a group-less subscription gets. Quorum queues can add a broker-side
+bound on redeliveries of a record that kills its consumer (``delivery_limit``).
 """
 
 from __future__ import annotations
@@ -34,11 +36,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, replace
-from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import aiormq
@@ -51,12 +52,10 @@ from streamkit.binder import (
     Binder,
     Capabilities,
     ConsumerSpec,
-    Delivery,
     Health,
     HealthStatus,
     ProducerSpec,
     Record,
-    Subscription,
 )
 from streamkit.errors import (
     BinderError,
@@ -65,25 +64,33 @@ from streamkit.errors import (
     PublishError,
     PublishTimeout,
     StreamkitError,
-    SubscriptionClosed,
     Unroutable,
 )
 
 from . import topology, wire
+from .amqp import connection_failure, declare, permanent
 from .settings import (
     DEFAULT_MAX_MESSAGE_BYTES,
     RabbitConsumerOptions,
     RabbitProducerOptions,
     RabbitSettings,
 )
+from .subscription import RabbitSubscription
 
-__all__ = ["RabbitBinder", "RabbitSubscription"]
+__all__ = ["RabbitBinder"]
 
 logger = logging.getLogger(__name__)
+
+_Options = TypeVar("_Options", bound=BaseModel)
 
 # RabbitMQ's default; the negotiated value replaces it once connected.
 _DEFAULT_FRAME_MAX = 131_072
 
+# Records in their retries whose failure count one binder keeps.
+_MAX_COUNTED_RECORDS = 100_000
+
+# Longest a health check waits for the broker to answer.
+_PING_TIMEOUT = 3.0
 
 
 @dataclass(slots=True)
@@ -97,13 +104,30 @@ class _Outgoing:
     mandatory: bool
 
 
-@dataclass(frozen=True, slots=True)
-class _Token:
-    """What settling a delivery needs: the channel it came on, and its tag there."""
+class _FailureCounts:
+    """Failed handler attempts per record (queue, message id), in this process.
 
-    generation: int
-    channel: aiormq.abc.AbstractChannel
-    delivery_tag: int
+    Bounded: past the limit, the records counted longest ago are forgotten.
+    """
+
+    def __init__(self, limit: int = _MAX_COUNTED_RECORDS) -> None:
+        self._counts: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._limit = limit
+
+    def get(self, record: tuple[str, str] | None) -> int:
+        return 0 if record is None else self._counts.get(record, 0)
+
+    def add(self, record: tuple[str, str] | None) -> None:
+        if record is None:
+            return
+        self._counts[record] = self._counts.get(record, 0) + 1
+        self._counts.move_to_end(record)
+        while len(self._counts) > self._limit:
+            self._counts.popitem(last=False)
+
+    def forget(self, record: tuple[str, str] | None) -> None:
+        if record is not None:
+            self._counts.pop(record, None)
 
 
 class RabbitBinder(Binder):
@@ -121,10 +145,10 @@ class RabbitBinder(Binder):
         # keeps order. Several instances of an unpartitioned group compete and
         # interleave a key's records unless single_active_consumer is set.
         ordering=True,
-        # Only quorum queues count deliveries (x-delivery-count).
-        native_delivery_count=False,
+        # For group subscriptions (a failure moves the record to a counting copy).
+        native_delivery_count=True,
         # The broker requeues a dead consumer's deliveries as soon as its TCP
-        # connection closes; a host that vanishes takes up to 3 heartbeats.
+        # connection closes (a host that vanishes takes up to 3 heartbeats).
         crash_recovery_seconds=2.0,
         broker_restart=True,
         batch=True,
@@ -138,6 +162,7 @@ class RabbitBinder(Binder):
 
     def __init__(self, settings: BaseModel | None = None, *, name: str = "") -> None:
         super().__init__(settings, name=name)
+        # The size limit is a setting, so the declared capability follows it.
         self.capabilities = replace(  # type: ignore[misc]
             type(self).capabilities, max_message_bytes=self.settings.max_message_bytes
         )
@@ -149,11 +174,11 @@ class RabbitBinder(Binder):
         self._closing = False
         self._supervisor: asyncio.Task[None] | None = None
         self._frame_max = _DEFAULT_FRAME_MAX
-        self._publish_channel: AbstractChannel | None = None
-        self._admin_channel: AbstractChannel | None = None
-        self._channel_lock = asyncio.Lock()
+        self._channels: dict[str, AbstractChannel] = {}
+        self._channel_locks = {"publish": asyncio.Lock(), "admin": asyncio.Lock()}
         self._declared: set[str] = set()
         self._subscriptions: set[RabbitSubscription] = set()
+        self._failures = _FailureCounts()
 
     def __repr__(self) -> str:
         return f"RabbitBinder(name={self.name!r}, url={self.settings.display_url!r})"
@@ -175,11 +200,9 @@ class RabbitBinder(Binder):
         self._install(connection)
         self._started = True
         self._supervisor = asyncio.create_task(
-            self._supervise(), name=f"streamkit-rabbit-{self.name}-reconnect"
+            self._supervise(), name=f"streamkit-rabbit-reconnect-{self.name}"
         )
-        logger.info(
-            "binder %s connected to %s", self.name, self.settings.display_url
-        )
+        logger.info("binder %s connected to %s", self.name, self.settings.display_url)
 
     async def close(self) -> None:
         if not self._started:
@@ -188,18 +211,22 @@ class RabbitBinder(Binder):
         self._closing = True
         self._connected.clear()
         self._outage = "binder closed"
-        subscriptions = list(self._subscriptions)
-        await asyncio.gather(*(sub.close() for sub in subscriptions))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.close_timeout
 
+        # Subscriptions first: closing their channels requeues what they hold.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await asyncio.gather(*(s.close() for s in list(self._subscriptions)))
         if self._supervisor is not None:
             self._supervisor.cancel()
             await asyncio.gather(self._supervisor, return_exceptions=True)
             self._supervisor = None
 
         connection, self._connection = self._connection, None
-        self._publish_channel = self._admin_channel = None
+        self._channels.clear()
         if connection is not None:
-            await self._close_connection(connection)
+            await self._close_connection(connection, deadline)
         logger.info("binder %s closed", self.name)
 
     async def health(self) -> Health:
@@ -211,7 +238,24 @@ class RabbitBinder(Binder):
             problem = sub.problem()
             if problem is not None:
                 return Health(HealthStatus.DOWN, problem)
+        timeout = min(_PING_TIMEOUT, self.settings.connect_timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ping()
+        except Exception as exc:
+            return Health(
+                HealthStatus.DOWN,
+                f"RabbitMQ at {self.settings.display_url} did not answer within "
+                f"{timeout:g} s ({self._describe(exc) or 'timeout'})",
+            )
         return Health(HealthStatus.UP, f"connected to {self.settings.display_url}")
+
+    async def _ping(self) -> None:
+        """One round trip to the broker (basic.qos on the declaration channel)."""
+        connection = await self._live_connection()
+        channel = await self._channel(connection, "admin")
+        underlay = await channel.get_underlay_channel()
+        await underlay.basic_qos(prefetch_count=0)
 
     async def _open_connection(self) -> AbstractConnection:
         timeout = self.settings.connect_timeout
@@ -223,7 +267,7 @@ class RabbitBinder(Binder):
     def _install(self, connection: AbstractConnection) -> None:
         self._connection = connection
         self._declared.clear()
-        self._publish_channel = self._admin_channel = None
+        self._channels.clear()
         transport = connection.transport
         if transport is not None:
             self._frame_max = transport.connection.connection_tune.frame_max
@@ -243,6 +287,7 @@ class RabbitBinder(Binder):
         self._lost.set()
 
     async def _supervise(self) -> None:
+        """Reconnect whenever the connection is lost, with backoff."""
         while not self._closing:
             await self._lost.wait()
             delay = self.settings.reconnect_delay
@@ -252,7 +297,7 @@ class RabbitBinder(Binder):
                 except Exception as exc:
                     self._outage = (
                         f"RabbitMQ at {self.settings.display_url} unreachable "
-                        f"({self._describe(exc)}); retrying every {delay:g} s"
+                        f"({self._describe(exc)}); retrying in {delay:g} s"
                     )
                     logger.warning("binder %s: %s", self.name, self._outage)
                     await asyncio.sleep(delay)
@@ -260,28 +305,30 @@ class RabbitBinder(Binder):
                     continue
                 self._install(connection)
                 logger.info(
-                    "binder %s reconnected to %s",
-                    self.name,
-                    self.settings.display_url,
+                    "binder %s reconnected to %s", self.name, self.settings.display_url
                 )
                 break
 
-    async def _close_connection(self, connection: AbstractConnection) -> None:
+    async def _close_connection(
+        self, connection: AbstractConnection, deadline: float
+    ) -> None:
+        transport = connection.transport
         try:
-            async with asyncio.timeout(self.settings.close_timeout):
+            async with asyncio.timeout_at(deadline):
                 await connection.close()
         except Exception as exc:
-            # A broker that stopped answering cannot acknowledge Connection.Close;
-            # drop the socket so that no reader task outlives the binder.
+            # A broker that stopped answering never acknowledges Connection.Close:
+            # drop the socket, so that no reader task outlives the binder.
             logger.warning(
-                "binder %s: closing the connection failed (%s); dropping it",
+                "binder %s: RabbitMQ did not acknowledge the close (%s); dropping "
+                "the connection",
                 self.name,
-                self._describe(exc),
+                self._describe(exc) or "timeout",
             )
-            transport = connection.transport
             if transport is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(transport.connection.close(exc), 1.0)
+                    async with asyncio.timeout(1.0):
+                        await transport.connection.close(exc)
 
     def _connection_closed(self) -> bool:
         connection = self._connection
@@ -296,8 +343,7 @@ class RabbitBinder(Binder):
             await self._connected.wait()
             if self._connection is not None and not self._connection_closed():
                 return self._connection
-            # Closed but the callback has not run yet: let it.
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # closed, and its callback has not run yet
 
     def _require_started(self) -> None:
         if not self._started:
@@ -309,42 +355,39 @@ class RabbitBinder(Binder):
     # -- provisioning ----------------------------------------------------------------
 
     async def provision_producer(self, spec: ProducerSpec) -> None:
+        self._require_started()
         plan = topology.producer_plan(spec, self._producer_options(spec))
-        await self._bounded(self._ensure_declared(plan), f"provision {spec.destination!r}")
+        await self._bounded(
+            self._ensure_declared(plan), f"provision {spec.destination}"
+        )
 
     async def _ensure_declared(self, plan: topology.Plan) -> None:
         """Declare ``plan`` once per connection, on the declaration channel."""
         keys = set(plan.keys())
-        if keys <= self._declared:
-            return
-        while True:
+        while not keys <= self._declared:
             connection = await self._live_connection()
-            channel = await self._channel(connection, admin=True)
             try:
-                await _declare(channel, plan)
+                channel = await self._channel(connection, "admin")
+                await declare(channel, plan)
             except Exception as exc:
-                if _connection_failure(exc) and not _permanent(exc):
-                    # The connection dropped under us: wait for it and redo.
-                    await asyncio.sleep(0.05)
-                    continue
-                raise self._declare_error(plan, exc) from exc
+                if permanent(exc) or not connection_failure(exc):
+                    raise self._declare_error(plan, exc) from exc
+                await asyncio.sleep(0.05)  # the connection dropped: wait, redo
+                continue
             self._declared |= keys
-            return
 
     async def _channel(
-        self, connection: AbstractConnection, *, admin: bool
+        self, connection: AbstractConnection, kind: str
     ) -> AbstractChannel:
-        """The publish (confirming) or declaration channel, reopened when closed."""
-        async with self._channel_lock:
-            channel = self._admin_channel if admin else self._publish_channel
+        """The ``publish`` (confirming) or ``admin`` channel, reopened when closed."""
+        async with self._channel_locks[kind]:
+            channel = self._channels.get(kind)
             if channel is None or channel.is_closed:
+                confirms = kind == "publish"
                 channel = await connection.channel(
-                    publisher_confirms=not admin, on_return_raises=not admin
+                    publisher_confirms=confirms, on_return_raises=confirms
                 )
-                if admin:
-                    self._admin_channel = channel
-                else:
-                    self._publish_channel = channel
+                self._channels[kind] = channel
             return channel
 
     async def _bounded(self, work: Awaitable[None], what: str) -> None:
@@ -353,10 +396,10 @@ class RabbitBinder(Binder):
             async with asyncio.timeout(self.settings.connect_timeout):
                 await work
         except TimeoutError as exc:
+            state = self._outage if not self._connected.is_set() else "no reply"
             raise BrokerUnavailable(
                 f"Could not {what} on RabbitMQ at {self.settings.display_url} within "
-                f"connect_timeout={self.settings.connect_timeout:g} s: "
-                f"{self._outage if not self._connected.is_set() else 'no reply'}."
+                f"connect_timeout={self.settings.connect_timeout:g} s ({state})."
             ) from exc
 
     # -- publish ---------------------------------------------------------------------
@@ -366,11 +409,22 @@ class RabbitBinder(Binder):
         if not records:
             return
         options = self._producer_options(spec)
-        outgoing = [self._prepare(spec, options, record) for record in records]
+        outgoing = [
+            self._outgoing(
+                spec.destination,
+                topology.routing_key(spec, options, record),
+                record,
+                persistent=options.persistent,
+                mandatory=options.mandatory,
+            )
+            for record in records
+        ]
         plan = topology.producer_plan(spec, options)
         await self._publish_within_deadline(spec.destination, plan, outgoing)
 
     async def publish_dead_letter(self, spec: ConsumerSpec, record: Record) -> None:
+        # To the DLX with the group queue's base name, as Spring's republishToDlq
+        # does; mandatory, so that a missing DLQ is noticed and declared again.
         self._require_started()
         options = self._consumer_options(spec)
         plan = topology.dead_letter_plan(spec, options)
@@ -378,24 +432,12 @@ class RabbitBinder(Binder):
         outgoing = self._outgoing(
             options.dead_letter_exchange, base, record, persistent=True, mandatory=True
         )
+        dlq = self.dead_letter_destination(spec)
         try:
-            await self._publish_within_deadline(base + ".dlq", plan, [outgoing])
+            await self._publish_within_deadline(dlq, plan, [outgoing])
         except Unroutable:
-            # The DLQ or its binding was deleted behind our back: declare it again.
             self._declared.clear()
-            await self._publish_within_deadline(base + ".dlq", plan, [outgoing])
-
-    def _prepare(
-        self, spec: ProducerSpec, options: RabbitProducerOptions, record: Record
-    ) -> _Outgoing:
-        key = topology.routing_key(spec, options, record)
-        return self._outgoing(
-            spec.destination,
-            key,
-            record,
-            persistent=options.persistent,
-            mandatory=options.mandatory,
-        )
+            await self._publish_within_deadline(dlq, plan, [outgoing])
 
     def _outgoing(
         self,
@@ -412,22 +454,36 @@ class RabbitBinder(Binder):
             raise MessageTooLarge(
                 f"A record of {len(body)} bytes for exchange {exchange!r} exceeds "
                 f"max_message_bytes={limit} of binder {self.name!r} (RabbitMQ's own "
-                "limit is max_message_size); nothing of it was published."
+                "limit is its max_message_size); nothing of it was published."
             )
         properties = wire.encode_properties(record, persistent=persistent)
-        size = wire.header_frame_size(properties, len(body))
-        if size > self._frame_max:
-            raise MessageTooLarge(
-                f"The headers of a record for exchange {exchange!r} take {size} bytes, "
-                f"more than the AMQP frame_max of {self._frame_max} bytes that "
-                "RabbitMQ allows for all properties and headers of one message (the "
-                "body is not limited by it); shorten or drop headers."
-            )
+        self._check_frame(properties, len(body), exchange)
         if len(routing_key.encode()) > 255:
             raise PublishError(
                 f"Routing key {routing_key[:40]!r}... is longer than 255 bytes."
             )
         return _Outgoing(exchange, routing_key, body, properties, mandatory)
+
+    def _check_frame(
+        self, properties: Basic.Properties, body_size: int, exchange: str
+    ) -> None:
+        size = wire.header_frame_size(properties, body_size)
+        if size > self._frame_max:
+            # The broker would close the whole connection with FRAME_ERROR.
+            raise MessageTooLarge(
+                f"The headers of a record for exchange {exchange!r} take {size} bytes, "
+                f"more than the AMQP frame_max of {self._frame_max} bytes that holds "
+                "all properties and headers of one message (the body is not limited "
+                "by it); shorten or drop headers."
+            )
+
+    async def _publish_copy(
+        self, queue: str, body: bytes, properties: Basic.Properties
+    ) -> None:
+        """Publish a copy of a received message straight to ``queue``, confirmed."""
+        self._check_frame(properties, len(body), "(default)")
+        item = _Outgoing("", queue, body, properties, mandatory=True)
+        await self._publish_within_deadline(queue, topology.Plan(), [item])
 
     async def _publish_within_deadline(
         self, destination: str, plan: topology.Plan, outgoing: list[_Outgoing]
@@ -454,17 +510,19 @@ class RabbitBinder(Binder):
             try:
                 await self._ensure_declared(plan)
                 connection = await self._live_connection()
-                channel = await self._channel(connection, admin=False)
+                channel = await self._channel(connection, "publish")
                 underlay = await channel.get_underlay_channel()
             except StreamkitError:
                 raise
             except Exception as exc:
-                if not _connection_failure(exc):
+                if not connection_failure(exc):
                     raise PublishError(
                         f"Publishing to RabbitMQ failed: {self._describe(exc)}."
                     ) from exc
-                await asyncio.sleep(0.05)  # the close callback has not run yet
+                await asyncio.sleep(0.05)  # the connection dropped: wait, redo
                 continue
+            # Written in order (aiormq serialises writes on the channel), confirmed
+            # in any order.
             results = await asyncio.gather(
                 *(self._publish_one(underlay, item) for item in pending),
                 return_exceptions=True,
@@ -476,8 +534,7 @@ class RabbitBinder(Binder):
             ]
             if failed:
                 errors = [exc for _, exc in failed]
-                redeclare = self._raise_unless_retriable(errors, redeclared)
-                redeclared = redeclared or redeclare
+                redeclared |= self._raise_unless_retriable(errors, redeclared)
                 logger.debug(
                     "binder %s: %d record(s) not confirmed (%s); publishing again",
                     self.name,
@@ -497,6 +554,53 @@ class RabbitBinder(Binder):
             mandatory=item.mandatory,
         )
 
+    # -- consume ---------------------------------------------------------------------
+
+    async def subscribe(self, spec: ConsumerSpec) -> RabbitSubscription:
+        self._require_started()
+        options = self._consumer_options(spec)
+        plan = topology.consumer_plan(spec, options, topology.anonymous_name())
+        sub = await self._subscribe(spec, plan)
+        logger.info(
+            "binder %s subscribed to %s (group %s): queue(s) %s",
+            self.name,
+            spec.destination,
+            spec.group,
+            ", ".join(q.name for q in plan.consume),
+        )
+        return sub
+
+    async def subscribe_dead_letters(
+        self, spec: ConsumerSpec, *, group: str = "dlq-reader"
+    ) -> RabbitSubscription:
+        # The DLQ is a queue, not a destination: its readers compete, whatever
+        # ``group`` they name.
+        self._require_started()
+        plan = topology.dead_letter_plan(
+            spec, self._consumer_options(spec), consume=True
+        )
+        dlq_spec = ConsumerSpec(
+            self.dead_letter_destination(spec),
+            group=group,
+            binding=spec.binding,
+            prefetch=spec.prefetch,
+            batch_size=spec.batch_size,
+        )
+        return await self._subscribe(dlq_spec, plan)
+
+    async def _subscribe(
+        self, spec: ConsumerSpec, plan: topology.Plan
+    ) -> RabbitSubscription:
+        sub = RabbitSubscription(self, spec, plan)
+        await sub.start()
+        self._subscriptions.add(sub)
+        return sub
+
+    # -- settle ----------------------------------------------------------------------
+    # Deliveries are settled on their subscription's channel: see .subscription.
+
+    # -- error mapping ---------------------------------------------------------------
+
     def _raise_unless_retriable(
         self, errors: list[BaseException], redeclared: bool
     ) -> bool:
@@ -506,11 +610,15 @@ class RabbitBinder(Binder):
             if isinstance(exc, asyncio.CancelledError):
                 raise exc
             if isinstance(exc, aiormq.exceptions.PublishError):
-                delivery = exc.message.delivery
+                returned = exc.frame
+                where = (
+                    f"exchange {returned.exchange!r} with routing key "
+                    f"{returned.routing_key!r} ({returned.reply_text})"
+                    if isinstance(returned, Basic.Return)
+                    else "their exchange"
+                )
                 raise Unroutable(
-                    f"RabbitMQ returned record(s) published to exchange "
-                    f"{delivery.exchange!r} with routing key "
-                    f"{delivery.routing_key!r}: {delivery.reply_text}, no queue is "
+                    f"RabbitMQ returned record(s) published to {where}: no queue is "
                     "bound for them."
                 ) from exc
             if isinstance(exc, aiormq.exceptions.DeliveryError):
@@ -531,65 +639,17 @@ class RabbitBinder(Binder):
                         f"RabbitMQ refused a publish: {exc}; the exchange is missing "
                         "even after declaring it again (declare_exchange false?)."
                     ) from exc
-                # The exchange was deleted behind our back: declare it again.
-                self._declared.clear()
+                self._declared.clear()  # deleted behind our back: declare again
                 return True
-            if not _connection_failure(exc):
+            if not connection_failure(exc):
                 raise PublishError(
                     f"Publishing to RabbitMQ failed: {self._describe(exc)}."
                 ) from exc
         return False
 
-    # -- consume ---------------------------------------------------------------------
-
-    async def subscribe(self, spec: ConsumerSpec) -> RabbitSubscription:
-        self._require_started()
-        options = self._consumer_options(spec)
-        plan = topology.consumer_plan(spec, options, topology.anonymous_name())
-        sub = RabbitSubscription(self, spec, plan)
-        await sub._start()
-        self._subscriptions.add(sub)
-        logger.info(
-            "binder %s subscribed to %s (group %s): queue(s) %s",
-            self.name,
-            spec.destination,
-            spec.group,
-            ", ".join(q.name for q in plan.consume),
-        )
-        return sub
-
-    async def subscribe_dead_letters(
-        self, spec: ConsumerSpec, *, group: str = "dlq-reader"
-    ) -> RabbitSubscription:
-        # The DLQ is a queue, not a destination: its readers compete, whatever
-        # ``group`` they name.
-        self._require_started()
-        options = self._consumer_options(spec)
-        plan = topology.dead_letter_plan(spec, options, consume=True)
-        dlq_spec = ConsumerSpec(
-            self.dead_letter_destination(spec),
-            group=group,
-            binding=spec.binding,
-            prefetch=spec.prefetch,
-            batch_size=spec.batch_size,
-        )
-        sub = RabbitSubscription(self, dlq_spec, plan)
-        await sub._start()
-        self._subscriptions.add(sub)
-        return sub
-
-    # -- settle ----------------------------------------------------------------------
-    # (deliveries are settled by RabbitSubscription.ack / release, below)
-
-    # -- error mapping ---------------------------------------------------------------
-
-    def _producer_options(self, spec: ProducerSpec) -> RabbitProducerOptions:
-        return _options(spec.options, RabbitProducerOptions)
-
-    def _consumer_options(self, spec: ConsumerSpec) -> RabbitConsumerOptions:
-        return _options(spec.options, RabbitConsumerOptions)
-
     def _declare_error(self, plan: topology.Plan, exc: BaseException) -> StreamkitError:
+        if isinstance(exc, StreamkitError):
+            return exc
         names = ", ".join(
             [e.name for e in plan.exchanges] + [q.name for q in plan.queues]
         )
@@ -597,8 +657,8 @@ class RabbitBinder(Binder):
             return BinderError(
                 f"RabbitMQ refused to declare {names}: {exc}. An exchange or queue "
                 "of that name exists with other settings (exchange_type, quorum, "
-                "single_active_consumer, auto_bind_dlq); align the binding's options "
-                "or delete the old one."
+                "single_active_consumer, auto_bind_dlq, expires_ms); align the "
+                "binding's options or delete the old one."
             )
         if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
             return BinderError(
@@ -610,8 +670,6 @@ class RabbitBinder(Binder):
                 f"RabbitMQ could not bind {names}: {exc}. With declare_exchange "
                 "false the exchange must exist already."
             )
-        if isinstance(exc, StreamkitError):
-            return exc
         return BrokerUnavailable(
             f"Declaring {names} on RabbitMQ at {self.settings.display_url} failed: "
             f"{self._describe(exc)}."
@@ -628,335 +686,19 @@ class RabbitBinder(Binder):
             if secret is not None
             else self.settings.connection_url().password
         )
-        if password:
+        if password and len(password) >= 3:
             text = text.replace(password, "***")
         return text
 
+    def _producer_options(self, spec: ProducerSpec) -> RabbitProducerOptions:
+        return _options(spec.options, RabbitProducerOptions)
 
-class RabbitSubscription(Subscription):
-    """Consumers on the queue(s) of one subscription, on a channel of their own."""
-
-    def __init__(
-        self, binder: RabbitBinder, spec: ConsumerSpec, plan: topology.Plan
-    ) -> None:
-        self.spec = spec
-        self._binder = binder
-        self._plan = plan
-        # Per-consumer QoS (quorum queues refuse a channel-wide one): split the
-        # prefetch over the queues so that the subscription never holds more.
-        self._prefetch = max(1, spec.prefetch // max(1, len(plan.consume)))
-        self._pending: deque[Delivery] = deque()
-        self._wakeup = asyncio.Event()
-        self._kick = asyncio.Event()
-        self._closed = False
-        self._channel: AbstractChannel | None = None
-        self._underlay: aiormq.abc.AbstractChannel | None = None
-        self._generation = 0
-        self._unsettled: set[int] = set()
-        self._attached = False
-        self._trouble: str | None = None
-        self._failure: BaseException | None = None
-        self._watcher: asyncio.Task[None] | None = None
-        self._label = f"{spec.destination} (group {spec.group})"
-
-    def problem(self) -> str | None:
-        """Why this subscription is not consuming, or ``None`` when it is."""
-        if self._closed:
-            return None
-        if self._failure is not None:
-            return f"subscription to {self._label} failed: {self._failure}"
-        if not self._attached:
-            return f"subscription to {self._label} re-attaching: {self._trouble}"
-        return None
-
-    # -- lifecycle -------------------------------------------------------------------
-
-    async def _start(self) -> None:
-        binder = self._binder
-        try:
-            await binder._bounded(self._attach(), f"subscribe to {self._label}")
-        except BrokerUnavailable:
-            raise
-        except Exception as exc:
-            raise binder._declare_error(self._plan, exc) from exc
-        self._watcher = asyncio.create_task(
-            self._watch(), name=f"streamkit-rabbit-{self.spec.destination}-watch"
-        )
-
-    async def _attach(self) -> None:
-        connection = await self._binder._live_connection()
-        channel = await connection.channel(publisher_confirms=False)
-        try:
-            await channel.set_qos(prefetch_count=self._prefetch)
-            await _declare(channel, self._plan)
-            underlay = await channel.get_underlay_channel()
-            self._generation += 1
-            self._unsettled.clear()
-            self._underlay = underlay
-            self._kick.clear()
-            underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
-            for queue in self._plan.consume:
-                await underlay.basic_consume(
-                    queue.name,
-                    partial(self._on_message, self._generation, queue),
-                    no_ack=False,
-                )
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(channel.close(), 1.0)
-            raise
-        self._channel = channel
-        self._attached = True
-        self._trouble = None
-
-    async def _watch(self) -> None:
-        """Re-attach whenever the channel goes; fail loudly when that cannot work."""
-        while not self._closed:
-            reason = await self._channel_gone()
-            if self._closed:
-                return
-            self._detach(reason)
-            channel = self._channel
-            if channel is not None and not channel.is_closed:
-                # Consumers cancelled by the broker: close the channel so that it
-                # requeues what it still holds before we consume again.
-                await _close_quietly(channel)
-            await self._reattach()
-
-    async def _channel_gone(self) -> str:
-        underlay = self._underlay
-        assert underlay is not None
-        closing = underlay.closing
-        kicked = asyncio.ensure_future(self._kick.wait())
-        try:
-            await asyncio.wait({closing, kicked}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            kicked.cancel()
-        if not closing.done():
-            closing.cancel()
-            return "the broker cancelled the consumer (queue deleted?)"
-        if closing.cancelled():
-            return "channel closed"
-        return self._binder._describe(closing.exception())
-
-    def _detach(self, reason: str) -> None:
-        self._attached = False
-        self._trouble = reason
-        # The broker requeues everything the old channel held; what we buffered
-        # from it must not reach the runtime, and acks for it must not be sent.
-        self._generation += 1
-        self._unsettled.clear()
-        self._pending.clear()
-        logger.warning(
-            "subscription to %s lost its channel (%s); re-attaching",
-            self._label,
-            reason,
-        )
-
-    async def _reattach(self) -> None:
-        delay = self._binder.settings.reconnect_delay
-        while not self._closed:
-            try:
-                await self._attach()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if _permanent(exc):
-                    self._fail(exc)
-                    return
-                self._trouble = self._binder._describe(exc)
-                logger.warning(
-                    "subscription to %s could not re-attach (%s); retrying in %g s",
-                    self._label,
-                    self._trouble,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._binder.settings.reconnect_max_delay)
-                continue
-            logger.info("subscription to %s re-attached", self._label)
-            return
-
-    def _fail(self, exc: BaseException) -> None:
-        self._failure = exc
-        self._wakeup.set()
-        logger.error(
-            "subscription to %s cannot re-attach and stops: %s",
-            self._label,
-            self._binder._describe(exc),
-        )
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._attached = False
-        self._pending.clear()
-        self._unsettled.clear()
-        self._wakeup.set()
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
-        channel, self._channel = self._channel, None
-        if channel is not None and not channel.is_closed:
-            # Closing the channel requeues whatever it still holds unsettled.
-            await _close_quietly(channel, self._binder.settings.close_timeout)
-        self._binder._subscriptions.discard(self)
-        logger.info("subscription to %s closed", self._label)
-
-    # -- consume ---------------------------------------------------------------------
-
-    async def next_batch(self) -> list[Delivery] | None:
-        while True:
-            if self._closed:
-                return None
-            if self._pending:
-                size = min(self.spec.batch_size, len(self._pending))
-                return [self._pending.popleft() for _ in range(size)]
-            if self._failure is not None:
-                raise SubscriptionClosed(
-                    f"Subscription to {self._label} stopped: RabbitMQ refused its "
-                    f"topology ({self._binder._describe(self._failure)})."
-                ) from self._failure
-            self._wakeup.clear()
-            await self._wakeup.wait()
-
-    def _on_message(
-        self,
-        generation: int,
-        queue: topology.Queue,
-        message: aiormq.abc.DeliveredMessage,
-    ) -> Awaitable[None]:
-        # Runs synchronously in the order aiormq schedules deliveries; the
-        # coroutine it returns is only there because aiormq awaits consumers.
-        if self._closed or generation != self._generation:
-            return _done()
-        delivery = message.delivery
-        assert isinstance(delivery, Basic.Deliver)
-        properties = message.header.properties
-        headers, key, is_null, count = wire.decode_headers(properties)
-        if count is not None:
-            attempt = count + 1
-        else:
-            attempt = 2 if delivery.redelivered else 1
-        tag = delivery.delivery_tag
-        assert tag is not None
-        self._unsettled.add(tag)
-        self._pending.append(
-            Delivery(
-                value=None if is_null else message.body,
-                headers=headers,
-                key=key,
-                partition=queue.partition,
-                id=properties.message_id or f"{queue.name}#{tag}",
-                destination=self.spec.destination,
-                subscription=self,
-                attempt=attempt,
-                token=_Token(generation, message.channel, tag),
-            )
-        )
-        self._wakeup.set()
-        return _done()
-
-    def _on_broker_cancel(self, frame: Any) -> None:
-        self._kick.set()
-
-    # -- settle ----------------------------------------------------------------------
-
-    async def ack(self, delivery: Delivery) -> None:
-        token = self._claim(delivery)
-        if token is not None:
-            await self._settle(token, token.channel.basic_ack(token.delivery_tag))
-
-    async def release(self, delivery: Delivery) -> None:
-        token = self._claim(delivery)
-        if token is not None:
-            await self._settle(
-                token, token.channel.basic_nack(token.delivery_tag, requeue=True)
-            )
-
-    def _claim(self, delivery: Delivery) -> _Token | None:
-        """The delivery's token if it may be settled now, else ``None`` (ignored)."""
-        token = delivery.token
-        if not isinstance(token, _Token) or self._closed:
-            return None
-        if token.generation != self._generation or token.channel.is_closed:
-            logger.debug(
-                "settling %s dropped: its channel is gone and the broker "
-                "redelivers it",
-                delivery.id,
-            )
-            return None
-        if token.delivery_tag not in self._unsettled:
-            return None  # settled already: a second settle would close the channel
-        self._unsettled.discard(token.delivery_tag)
-        return token
-
-    async def _settle(self, token: _Token, call: Awaitable[Any]) -> None:
-        try:
-            await call
-        except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError) as exc:
-            # The channel closed between the check and the write; the broker
-            # requeues the delivery, which is what settling late amounts to.
-            logger.debug("settling delivery tag %s dropped: %s", token.delivery_tag, exc)
+    def _consumer_options(self, spec: ConsumerSpec) -> RabbitConsumerOptions:
+        return _options(spec.options, RabbitConsumerOptions)
 
 
-# -- helpers ------------------------------------------------------------------------
-
-
-async def _declare(channel: AbstractChannel, plan: topology.Plan) -> None:
-    for exchange in plan.exchanges:
-        await channel.declare_exchange(exchange.name, exchange.type, durable=True)
-    for queue in plan.queues:
-        declared = await channel.declare_queue(
-            queue.name,
-            durable=queue.durable,
-            exclusive=queue.exclusive,
-            auto_delete=queue.auto_delete,
-            arguments=queue.arguments or None,
-        )
-        for exchange_name, key in queue.bindings:
-            await declared.bind(exchange_name, key)
-
-
-async def _close_quietly(channel: AbstractChannel, timeout: float = 2.0) -> None:
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(timeout):
-            await channel.close()
-
-
-async def _done_coro() -> None:
-    return None
-
-
-def _done() -> Awaitable[None]:
-    return _done_coro()
-
-
-def _permanent(exc: BaseException) -> bool:
-    """Broker replies no retry can fix: the topology exists with other arguments,
-    or the user may not use it."""
-    return isinstance(
-        exc,
-        aiormq.exceptions.ChannelPreconditionFailed
-        | aiormq.exceptions.ChannelAccessRefused,
-    )
-
-
-def _connection_failure(exc: BaseException) -> bool:
-    """True when ``exc`` only says the connection or channel went away."""
-    return isinstance(
-        exc,
-        aiormq.exceptions.ConnectionClosed
-        | aiormq.exceptions.ChannelInvalidStateError
-        | aiormq.exceptions.ChannelClosed
-        | ConnectionError
-        | asyncio.CancelledError,
-    )
-
-
-def _options(options: BaseModel, model: type[Any]) -> Any:
+def _options(options: BaseModel, model: type[_Options]) -> _Options:
     if isinstance(options, model):
         return options
-    # NoOptions (the spec's default) or a dict-like model: validate what it holds.
+    # NoOptions (the spec's default) or another model: validate what it holds.
     return model.model_validate(options.model_dump())

@@ -1,7 +1,7 @@
 """Conformance profiles of the RabbitMQ binder.
 
-``rabbit`` runs on classic queues, ``rabbit-quorum`` on quorum queues (which count
-deliveries: ``native_delivery_count``). The broker is ``STREAMKIT_RABBIT_URL`` (default ``amqp://guest:guest@127.0.0.1:5672/``).
+``rabbit`` runs on classic queues, ``rabbit-quorum`` on quorum queues. The broker is
+``STREAMKIT_RABBIT_URL`` (default ``amqp://guest:guest@127.0.0.1:5672/``).
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ def profiles() -> list[BinderProfile]:
             settings=settings,
             consumer_options={**_QUEUES, "quorum": True},
             producer_options={**_QUEUES, "quorum": True},
-            capabilities={"native_delivery_count": True},
             env=(ENV,),
         ),
     ]

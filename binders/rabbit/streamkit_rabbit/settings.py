@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from urllib.parse import quote
 
 from pydantic import (
@@ -13,6 +13,7 @@ from pydantic import (
     SecretStr,
     field_serializer,
     field_validator,
+    model_validator,
 )
 from yarl import URL
 
@@ -137,9 +138,19 @@ class _QueueOptions(BaseModel):
     # the group queue's x-dead-letter-exchange at it.
     auto_bind_dlq: bool = True
     dead_letter_exchange: str = Field(default="DLX", min_length=1)
+    # Quorum queues only (x-delivery-limit): after this many returns (give-backs,
+    # consumers that died holding it) the broker dead-letters a record to the DLQ,
+    # so a record that crashes its consumer every time cannot loop forever.
+    delivery_limit: int | None = Field(default=None, ge=1)
     # x-expires: the broker deletes a group queue (its DLQ) unused for this long.
     expires_ms: int | None = Field(default=None, ge=1)
     dlq_expires_ms: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _limit_needs_quorum(self) -> Self:
+        if self.delivery_limit is not None and not self.quorum:
+            raise ValueError("delivery_limit needs quorum: true (x-delivery-limit)")
+        return self
 
 
 class RabbitProducerOptions(_QueueOptions):

@@ -31,6 +31,9 @@ from streamkit.errors import ConfigError
 
 from .settings import RabbitConsumerOptions, RabbitProducerOptions, _QueueOptions
 
+#: How long a holding queue outlives its owner (its copies leave it at once).
+HOLDING_EXPIRES_MS = 60_000
+
 __all__ = [
     "Exchange",
     "Plan",
@@ -39,6 +42,7 @@ __all__ = [
     "base_queue_name",
     "consumer_plan",
     "dead_letter_plan",
+    "holding_queue",
     "producer_plan",
     "routing_key",
 ]
@@ -145,6 +149,27 @@ def dead_letter_plan(
     return Plan((dlx,), (dlq,), (dlq,) if consume else ())
 
 
+def holding_queue(queue: Queue, owner: str) -> Queue:
+    """Where one subscriber keeps copies of the records it is retrying.
+
+    Messages expire at once (TTL 0) unless delivered to a consumer right away (its
+    owner, consuming without a prefetch limit); when the owner goes, what it held
+    is requeued, expires and is dead-lettered (default exchange, routing key: the
+    queue's name) back to ``queue``. Durable, with persistent copies, so that a
+    broker restart loses nothing; the broker drops it a minute after its owner.
+    """
+    return Queue(
+        f"{queue.name}.retrying.{owner}",
+        queue.partition,
+        arguments={
+            "x-message-ttl": 0,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": queue.name,
+            "x-expires": HOLDING_EXPIRES_MS,
+        },
+    )
+
+
 def _group_plan(
     destination: str,
     group: str,
@@ -175,7 +200,7 @@ def _group_plan(
             keys.insert(0, base)
         dlq = _dlq(base, keys, options)
         dlx = Exchange(options.dead_letter_exchange, "direct")
-        plan = Plan(plan.exchanges + (dlx,), (dlq, *plan.queues), plan.consume)
+        plan = Plan((*plan.exchanges, dlx), (dlq, *plan.queues), plan.consume)
     return plan
 
 
@@ -244,6 +269,8 @@ def _group_arguments(name: str, options: _QueueOptions) -> dict[str, Any]:
     arguments: dict[str, Any] = {}
     if options.quorum:
         arguments["x-queue-type"] = "quorum"
+    if options.delivery_limit is not None:
+        arguments["x-delivery-limit"] = options.delivery_limit
     if options.single_active_consumer:
         arguments["x-single-active-consumer"] = True
     if options.auto_bind_dlq:

@@ -16,18 +16,24 @@ record               AMQP message
 Every message carries a fresh ``message_id``: aiormq matches a returned (unroutable)
 message to its publish by it, and it is the delivery's printable ``id``.
 
+A record whose handler failed travels on as a copy with ``streamkit_failures: <n>``
+(the failed attempts so far) and ``streamkit_copy: <id>`` (which copy it is); both
+are read by the binder, not passed on as headers. See :mod:`.subscription`.
+
 Reading is lenient with other clients: a header of another AMQP type (integer,
 boolean, timestamp, nested table) becomes its text form; a ``content_type`` property
 without a ``contentType`` header becomes that header. ``x-delivery-count`` (added by
-quorum queues) is not passed on as a header; it is the delivery's ``attempt``.
+quorum queues, counting returns rather than failures) is not passed on.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pamqp.commands import Basic
@@ -38,9 +44,13 @@ from streamkit.errors import PublishError
 
 __all__ = [
     "CONTENT_TYPE",
+    "COPY_HEADER",
+    "FAILURES_HEADER",
     "FRAME_OVERHEAD",
     "KEY_HEADER",
     "NULL_HEADER",
+    "Decoded",
+    "copy_properties",
     "decode_headers",
     "encode_properties",
     "header_frame_size",
@@ -48,6 +58,8 @@ __all__ = [
 
 KEY_HEADER = "streamkit_key"
 NULL_HEADER = "streamkit_null"
+FAILURES_HEADER = "streamkit_failures"
+COPY_HEADER = "streamkit_copy"
 CONTENT_TYPE = "contentType"
 DELIVERY_COUNT = "x-delivery-count"
 
@@ -88,27 +100,52 @@ def header_frame_size(properties: Basic.Properties, body_size: int) -> int:
     return len(payload) + FRAME_OVERHEAD
 
 
-def decode_headers(
-    properties: Basic.Properties,
-) -> tuple[dict[str, bytes], bytes | None, bool, int | None]:
-    """``(headers, key, value_is_none, delivery_count)`` of a received message."""
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """What the binder reads from a received message's properties."""
+
+    headers: dict[str, bytes]
+    key: bytes | None
+    is_null: bool
+    failures: int
+    copy: str | None
+
+
+def decode_headers(properties: Basic.Properties) -> Decoded:
     table: Mapping[str, Any] = properties.headers or {}
     headers: dict[str, bytes] = {}
     key: bytes | None = None
     is_null = False
-    count: int | None = None
+    failures = 0
+    copy_id: str | None = None
     for name, value in table.items():
         if name == KEY_HEADER:
             key = _decode_value(value)
         elif name == NULL_HEADER:
             is_null = True
-        elif name == DELIVERY_COUNT and isinstance(value, int):
-            count = value
-        else:
+        elif name == FAILURES_HEADER:
+            failures = value if isinstance(value, int) else 0
+        elif name == COPY_HEADER:
+            copy_id = _decode_value(value).decode(errors="replace")
+        elif name != DELIVERY_COUNT:
             headers[name] = _decode_value(value)
     if CONTENT_TYPE not in headers and properties.content_type:
         headers[CONTENT_TYPE] = properties.content_type.encode()
-    return headers, key, is_null, count
+    return Decoded(headers, key, is_null, failures, copy_id)
+
+
+def copy_properties(
+    properties: Basic.Properties, *, failures: int, copy_id: str
+) -> Basic.Properties:
+    """The properties of a copy of a message that carries its failure count."""
+    copied = copy.copy(properties)
+    copied.headers = {
+        **(properties.headers or {}),
+        FAILURES_HEADER: failures,
+        COPY_HEADER: copy_id,
+    }
+    copied.delivery_mode = _PERSISTENT
+    return copied
 
 
 def _check_name(name: str) -> str:
