@@ -378,6 +378,9 @@ class RedisSubscription(Subscription):
     ) -> list[Delivery]:
         batch: list[Delivery] = []
         for entry in entries:
+            if (stream, entry.id) in self._in_flight:
+                # Already handed out (a give-back raced a re-read): never twice.
+                continue
             if entry.fields is None:
                 # Deleted (XDEL or trimming) while pending: nothing left to deliver.
                 logger.warning(
