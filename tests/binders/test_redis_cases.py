@@ -311,3 +311,23 @@ async def test_partitions_are_streams_named_after_the_destination(
 
     assert lengths == [1, 1, 1]
     assert sorted((d.partition, id_of(d)) for d in got) == [(0, 0), (2, 2)]
+
+
+async def test_a_restarted_consumer_pages_through_its_own_pending_list(
+    make_binder: MakeBinder, raw: Redis, stream: str
+) -> None:
+    binder = await make_binder(consumer_name=f"pager-{secrets.token_hex(3)}")
+    await binder.publish(ProducerSpec(stream), numbered(50))
+    first = await binder.subscribe(ConsumerSpec(stream, group="g"))
+    assert len(await collect(first, 50, WAIT, ack=False)) == 50
+    await first.close()
+
+    again = await binder.subscribe(
+        ConsumerSpec(stream, group="g", prefetch=10, batch_size=3)
+    )
+    got = await collect(again, 50, WAIT)
+    await again.close()
+
+    counts = Counter(id_of(d) for d in got)
+    assert set(counts) == set(range(50)) and set(counts.values()) == {1}
+    assert await pending_count(raw, stream, "g") == 0

@@ -307,13 +307,17 @@ class RedisSubscription(Subscription):
                 self._resync.discard(stream)
                 self._resync_after.pop(stream, None)
                 continue
-            self._resync_after[stream] = rows[-1][0]
-            ids = [
+            candidates = [
                 row[0]
                 for row in rows
                 if (stream, row[0]) not in self._in_flight
                 and not self._acker.holds(stream, row[0])
-            ][:room]
+            ]
+            ids = candidates[:room]
+            # Page on after the last id handed out, so none past the room is skipped.
+            self._resync_after[stream] = (
+                ids[-1] if len(candidates) > room else rows[-1][0]
+            )
             batch = await self._claim_own(stream, ids)
             if batch:
                 return batch
