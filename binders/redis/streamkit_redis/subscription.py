@@ -366,7 +366,7 @@ class RedisSubscription(Subscription):
         if not ids:
             return []
         rows = await self._run_own(stream, "fetch", ids)
-        entries = [wire.Entry(i, wire._pairs(fields)) for i, fields, _ in rows]
+        entries = [wire.Entry(i, wire.pairs(fields)) for i, fields, _ in rows]
         return await self._deliver(stream, entries, {i: n for i, _, n in rows})
 
     async def _run_own(
@@ -375,7 +375,7 @@ class RedisSubscription(Subscription):
         raw = await self.client.eval(
             scripts.CLAIM_OWN, 1, stream, self.group, self.consumer or "", mode, *ids
         )
-        return [(wire._text(row[0]), row[1], int(row[2])) for row in raw or ()]
+        return [(wire.text(row[0]), row[1], int(row[2])) for row in raw or ()]
 
     async def _deliver(
         self, stream: str, entries: list[wire.Entry], counts: dict[str, int] | None
@@ -456,7 +456,11 @@ class RedisSubscription(Subscription):
                 f"consumer group {self.group} of {self.spec.destination} lost"
             )
             await self._pause()
-            await self._recreate_groups()
+            try:
+                await self._recreate_groups()
+            except (*CONNECTION_ERRORS, rx.RedisError) as again:
+                # The next read meets the same error and waits a longer backoff.
+                logger.warning("could not create group %s again: %s", self.group, again)
             return
         # Anything else persists (a key of the wrong type, ACL): stay loud, keep trying.
         error = self._binder.translate_error(exc, f"consume {self.spec.destination!r}")

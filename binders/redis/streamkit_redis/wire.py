@@ -36,11 +36,13 @@ __all__ = [
     "Entry",
     "decode_entry",
     "encode_record",
+    "pairs",
     "parse_autoclaim",
     "parse_entries",
     "parse_pending",
     "parse_stream_reply",
     "record_size",
+    "text",
 ]
 
 BODY = b"body"
@@ -116,11 +118,11 @@ def decode_entry(
 # -- replies ------------------------------------------------------------------------
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _pairs(raw: Any) -> list[tuple[bytes, bytes]] | None:
+def pairs(raw: Any) -> list[tuple[bytes, bytes]] | None:
     if raw is None:
         return None
     if isinstance(raw, Mapping):
@@ -138,7 +140,7 @@ def parse_entries(raw: Iterable[Any] | None) -> list[Entry]:
             # unknown here, and it is found again through the pending list.
             continue
         entry_id, fields = item[0], item[1] if len(item) > 1 else None
-        entries.append(Entry(_text(entry_id), _pairs(fields)))
+        entries.append(Entry(text(entry_id), pairs(fields)))
     return entries
 
 
@@ -147,7 +149,7 @@ def parse_stream_reply(raw: Any) -> dict[str, list[Entry]]:
     if not raw:
         return {}
     items = raw.items() if isinstance(raw, Mapping) else ((s, e) for s, e in raw)
-    return {_text(stream): parse_entries(entries) for stream, entries in items}
+    return {text(stream): parse_entries(entries) for stream, entries in items}
 
 
 def parse_autoclaim(raw: Sequence[Any]) -> AutoclaimReply:
@@ -159,18 +161,16 @@ def parse_autoclaim(raw: Sequence[Any]) -> AutoclaimReply:
     deleted ones from the pending list itself.
     """
     claimed: list[str] = []
-    deleted = [_text(i) for i in raw[2]] if len(raw) > 2 and raw[2] else []
+    deleted = [text(i) for i in raw[2]] if len(raw) > 2 and raw[2] else []
     for item in raw[1] or ():
         if isinstance(item, bytes | str):
-            claimed.append(_text(item))
+            claimed.append(text(item))
         elif item is not None:
             entry = parse_entries([item])[0]
             (claimed if entry.fields is not None else deleted).append(entry.id)
-    return AutoclaimReply(_text(raw[0]), claimed, deleted)
+    return AutoclaimReply(text(raw[0]), claimed, deleted)
 
 
 def parse_pending(raw: Iterable[Any] | None) -> list[tuple[str, str, int, int]]:
     """Extended XPENDING: ``(id, consumer, idle_ms, times_delivered)`` rows."""
-    return [
-        (_text(row[0]), _text(row[1]), int(row[2]), int(row[3])) for row in raw or ()
-    ]
+    return [(text(row[0]), text(row[1]), int(row[2]), int(row[3])) for row in raw or ()]
