@@ -6,8 +6,9 @@ with ``type: kafka`` in a binder section of the configuration.
 
 from __future__ import annotations
 
-from .binder import KafkaBinder, KafkaSubscription
+from .binder import KafkaBinder
 from .settings import KafkaConsumerOptions, KafkaProducerOptions, KafkaSettings
+from .subscription import KafkaSubscription
 
 __all__ = [
     "KafkaBinder",

