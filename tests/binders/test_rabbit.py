@@ -19,7 +19,13 @@ from pydantic import ValidationError
 from yarl import URL
 
 from streamkit.binder import ConsumerSpec, Delivery, ProducerSpec, Record, Subscription
-from streamkit.errors import ConfigError, MessageTooLarge, PublishError, Unroutable
+from streamkit.errors import (
+    BinderError,
+    ConfigError,
+    MessageTooLarge,
+    PublishError,
+    Unroutable,
+)
 
 aio_pika = pytest.importorskip("aio_pika")
 streamkit_rabbit = pytest.importorskip("streamkit_rabbit")
@@ -335,6 +341,17 @@ async def test_required_groups_keep_records_published_before_any_consumer(
     assert got.value == b"early"
 
 
+async def test_an_exchange_of_another_type_is_a_clear_error_at_subscribe(
+    binder: RabbitBinder, raw: Any
+) -> None:
+    dest = fresh()
+    await raw.declare_exchange(dest, "fanout", durable=True, auto_delete=True)
+
+    with pytest.raises(BinderError, match="exchange_type"):
+        await binder.subscribe(consumer(dest))
+    assert (await binder.health()).ok
+
+
 async def test_a_partitioned_record_reaches_only_its_partition_queue(
     binder: RabbitBinder, raw: Any
 ) -> None:
@@ -390,6 +407,36 @@ async def test_recorded_failures_raise_the_attempt_and_give_backs_do_not(
 
     assert [first.attempt, second.attempt, third.attempt] == [1, 2, 2]
     assert first.id == second.id == third.id
+
+
+async def test_a_record_in_retries_keeps_its_count_and_content_across_subscribers(
+    binder: RabbitBinder, raw: Any
+) -> None:
+    dest = fresh()
+    sub = await binder.subscribe(consumer(dest))
+    sent = Record(b"body", {"h": b"\xff\x00", "contentType": b"text/plain"}, b"k")
+    await binder.publish(producer(dest), [sent])
+
+    (first,) = await take(sub, 1, ack=False)
+    await sub.record_attempt(first)  # the record moves to a copy counting 1
+    await sub.record_attempt(first)  # ... then 2
+    await first.release()  # a give-back keeps the count
+    (second,) = await take(sub, 1, ack=False)
+    await sub.record_attempt(second)
+    await sub.close()  # the subscriber goes while holding the copy
+    other = RabbitBinder(RabbitSettings(url=RABBIT_URL))
+    await other.start()
+    later = await other.subscribe(consumer(dest))
+    (third,) = await take(later, 1)
+    with pytest.raises(TimeoutError):  # the acked record does not come back
+        await asyncio.wait_for(later.next_batch(), 0.5)
+    await other.close()
+
+    assert [first.attempt, second.attempt, third.attempt] == [1, 3, 4]
+    assert {first.id, second.id, third.id} == {first.id}
+    assert (third.value, third.headers, third.key) == (b"body", sent.headers, b"k")
+    queue = await raw.declare_queue(f"{dest}.g", passive=True)
+    assert queue.declaration_result.message_count == 0
 
 
 async def test_dead_letters_land_in_the_spring_dlq_with_their_headers(

@@ -26,7 +26,7 @@ import pytest_asyncio
 from yarl import URL
 
 from streamkit.binder import ConsumerSpec, Delivery, HealthStatus, ProducerSpec, Record
-from streamkit.errors import BrokerUnavailable, PublishTimeout
+from streamkit.errors import BrokerUnavailable, PublishTimeout, SubscriptionClosed
 
 aio_pika = pytest.importorskip("aio_pika")
 pytest.importorskip("streamkit_rabbit")
@@ -238,7 +238,9 @@ async def test_c11_publish_to_a_broker_gone_times_out_and_close_is_prompt(
     binder = through(proxy)
     await binder.start()
     dest = fresh()
+    waiting = asyncio.create_task((await binder.subscribe(consumer(dest))).next_batch())
     await binder.publish(producer(dest), [Record(b"while up")])
+    assert await asyncio.wait_for(waiting, 10)
 
     if outage == "refused":
         await proxy.cut()
@@ -349,6 +351,33 @@ async def held_after_reattach(sub: RabbitSubscription, count: int) -> list[Deliv
     return got
 
 
+async def test_c13_a_consumer_that_cannot_come_back_fails_loudly(
+    needs_broker: None,
+) -> None:
+    binder = RabbitBinder(RabbitSettings(url=str(RABBIT_URL), **FAST))
+    await binder.start()
+    dest = fresh()
+    sub = await binder.subscribe(consumer(dest))
+    waiting = asyncio.create_task(sub.next_batch())
+
+    # Someone re-creates the queue with other arguments: ours no longer fits.
+    connection = await aio_pika.connect(str(RABBIT_URL))
+    channel = await connection.channel()
+    await channel.queue_delete(f"{dest}.g")
+    await channel.declare_queue(
+        f"{dest}.g", durable=True, arguments={"x-max-length": 10, "x-expires": 60_000}
+    )
+    await connection.close()
+
+    with pytest.raises(SubscriptionClosed, match="PRECONDITION_FAILED"):
+        await asyncio.wait_for(waiting, 10)
+    health = await binder.health()
+    await binder.close()
+
+    assert health.status is HealthStatus.DOWN
+    assert "failed" in health.detail
+
+
 async def test_c13_a_queue_deleted_under_a_consumer_is_declared_again(
     needs_broker: None,
 ) -> None:
@@ -412,6 +441,11 @@ async def test_c12_broker_restart_while_consuming_loses_nothing(
     await backlog.close()  # a durable queue with nobody reading it
     await binder.publish(producer(dest), numbered(0, 300))
     await wait_for(reader.has(1), 10, "the first record")
+    retried = fresh("retried")  # a record in its retries, held as a counting copy
+    retrying = await binder.subscribe(consumer(retried))
+    await binder.publish(producer(retried), [Record(b"failed once")])
+    (failed,) = await asyncio.wait_for(retrying.next_batch(), 10) or []
+    await retrying.record_attempt(failed)
 
     await asyncio.to_thread(rabbitmqctl, "stop_app")
     await wait_for(lambda: health_is(binder, HealthStatus.DOWN), 30, "health DOWN")
@@ -422,8 +456,11 @@ async def test_c12_broker_restart_while_consuming_loses_nothing(
     await binder.publish(producer(dest), numbered(300, 400))
     await wait_for(reader.has(400), 30, "every record")
     kept = await take_values(await binder.subscribe(consumer(dest, "backlog")), 400)
+    (again,) = await asyncio.wait_for(retrying.next_batch(), 10) or []
+    await again.ack()
     await reader.stop()
     await binder.close()
 
     assert set(reader.seen) >= {str(i).encode() for i in range(400)}
     assert kept == {str(i).encode() for i in range(400)}  # 300 survived the restart
+    assert (again.value, again.attempt) == (b"failed once", 2)

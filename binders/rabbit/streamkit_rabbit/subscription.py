@@ -148,6 +148,10 @@ class RabbitSubscription(Subscription):
         )
 
     async def close(self) -> None:
+        await self._close(close_channel=True)
+
+    async def _close(self, *, close_channel: bool) -> None:
+        """End the subscription; its channel too, unless its connection closes."""
         if self._closed:
             return
         self._closed = True
@@ -158,7 +162,7 @@ class RabbitSubscription(Subscription):
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
         channel, self._channel = self._channel, None
-        if channel is not None and not channel.is_closed:
+        if close_channel and channel is not None and not channel.is_closed:
             # Closing the channel requeues whatever it still holds unsettled (and
             # the held copies go back to the group queue).
             await close_quietly(channel, self._binder.settings.close_timeout)

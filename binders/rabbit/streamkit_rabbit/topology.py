@@ -30,6 +30,7 @@ from streamkit.binder import ConsumerSpec, ProducerSpec, Record
 from streamkit.errors import ConfigError
 
 from .settings import RabbitConsumerOptions, RabbitProducerOptions, _QueueOptions
+from .wire import HOLDING_INFIX
 
 #: How long a holding queue outlives its owner (its copies leave it at once).
 HOLDING_EXPIRES_MS = 60_000
@@ -159,7 +160,7 @@ def holding_queue(queue: Queue, owner: str) -> Queue:
     broker restart loses nothing; the broker drops it a minute after its owner.
     """
     return Queue(
-        f"{queue.name}.retrying.{owner}",
+        f"{queue.name}{HOLDING_INFIX}{owner}",
         queue.partition,
         arguments={
             "x-message-ttl": 0,

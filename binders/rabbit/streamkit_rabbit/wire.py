@@ -60,6 +60,8 @@ KEY_HEADER = "streamkit_key"
 NULL_HEADER = "streamkit_null"
 FAILURES_HEADER = "streamkit_failures"
 COPY_HEADER = "streamkit_copy"
+#: Part of every holding queue's name (see topology.holding_queue).
+HOLDING_INFIX = ".retrying."
 CONTENT_TYPE = "contentType"
 DELIVERY_COUNT = "x-delivery-count"
 
@@ -113,6 +115,8 @@ class Decoded:
 
 def decode_headers(properties: Basic.Properties) -> Decoded:
     table: Mapping[str, Any] = properties.headers or {}
+    if FAILURES_HEADER in table:
+        table = _without_holding_deaths(table)
     headers: dict[str, bytes] = {}
     key: bytes | None = None
     is_null = False
@@ -146,6 +150,32 @@ def copy_properties(
     }
     copied.delivery_mode = _PERSISTENT
     return copied
+
+
+def _without_holding_deaths(table: Mapping[str, Any]) -> dict[str, Any]:
+    """The headers of a copy without what its trips through a holding queue added.
+
+    The broker records every dead-lettering in ``x-death`` (and the first and last
+    in ``x-first-death-*`` / ``x-last-death-*``); the entries naming a holding
+    queue (``<queue>.retrying.<owner>``) are the binder's, not the record's.
+    """
+    cleaned = dict(table)
+    deaths = cleaned.get("x-death")
+    if isinstance(deaths, list):
+        kept = [d for d in deaths if not _is_holding(d.get("queue"))]
+        if kept:
+            cleaned["x-death"] = kept
+        else:
+            del cleaned["x-death"]
+    for which in ("first", "last"):
+        if _is_holding(cleaned.get(f"x-{which}-death-queue")):
+            for part in ("queue", "reason", "exchange"):
+                cleaned.pop(f"x-{which}-death-{part}", None)
+    return cleaned
+
+
+def _is_holding(queue: Any) -> bool:
+    return isinstance(queue, str) and HOLDING_INFIX in queue
 
 
 def _check_name(name: str) -> str:
