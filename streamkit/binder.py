@@ -326,7 +326,8 @@ def binder_class(type_name: str) -> type[Binder]:
     installed = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
     raise BinderNotFound(
         f"No binder of type {type_name!r} is installed (installed: "
-        f"{', '.join(installed) or 'none'}). Install it with "
+        f"{', '.join(installed) or 'none'}). Install its plug-in: "
+        f"`pip install -e binders/{type_name}` in a streamkit clone, or "
         f"`pip install 'streamkit[{type_name}]'`."
     )
 
