@@ -12,10 +12,13 @@ dead letters of ``d.g``     durable queue ``d.g.dlq`` bound to the direct exchan
                             and with each group queue's name (what the broker uses
                             when it dead-letters by itself: the group queue's
                             ``x-dead-letter-routing-key``)
+a record in retries         a copy in ``d.g.retrying.<owner>``, one subscriber's
+                            holding queue (see :func:`holding_queue`)
 ==========================  ========================================================
 
-These are the names Spring Cloud Stream's Rabbit binder gives the same things, so a
-streamkit service and a Spring service can share destinations, groups and DLQs.
+Holding queues aside, these are the names Spring Cloud Stream's Rabbit binder
+gives, so a streamkit service and a Spring service can share destinations, groups
+and DLQs.
 """
 
 from __future__ import annotations
@@ -32,9 +35,6 @@ from streamkit.errors import ConfigError
 from .settings import RabbitConsumerOptions, RabbitProducerOptions, _QueueOptions
 from .wire import HOLDING_INFIX
 
-#: How long a holding queue outlives its owner (its copies leave it at once).
-HOLDING_EXPIRES_MS = 60_000
-
 __all__ = [
     "Exchange",
     "Plan",
@@ -47,6 +47,9 @@ __all__ = [
     "producer_plan",
     "routing_key",
 ]
+
+#: How long a holding queue outlives its owner (its copies leave it at once).
+HOLDING_EXPIRES_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
