@@ -125,6 +125,7 @@ class TestStream:
         use_configured_binders: bool = False,
         shutdown_timeout: float = 5.0,
         broker: str | None = None,
+        reader_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.app = app
         if isinstance(settings, Settings):
@@ -139,6 +140,9 @@ class TestStream:
         # Readers of outputs and dead letters are one group per broker, so a second
         # TestStream on the same broker continues where the first one stopped.
         self._group = f"streamkit-test-{self.broker}"
+        # Binder-specific consumer options of the stream's own readers (e.g. a
+        # RabbitMQ queue expiry, so test queues do not outlive the test run).
+        self._reader_options = dict(reader_options or {})
         self.runner: AppRunner | None = None
         self._bindings: dict[str, ResolvedBinding] = {}
         self._readers: dict[tuple[str, str], _Reader] = {}
@@ -185,7 +189,10 @@ class TestStream:
     async def _reader(self, binder: Binder, destination: str) -> _Reader:
         reader = self._readers.get(("out", destination))
         if reader is None:
-            spec = ConsumerSpec(destination, group=self._group, binding="test")
+            options = binder.consumer_options_model.model_validate(self._reader_options)
+            spec = ConsumerSpec(
+                destination, group=self._group, binding="test", options=options
+            )
             reader = _Reader(await binder.subscribe(spec))
             self._readers[("out", destination)] = reader
         return reader
