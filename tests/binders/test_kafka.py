@@ -26,6 +26,7 @@ from pydantic import BaseModel
 pytest.importorskip("streamkit_kafka")
 
 from streamkit_kafka import KafkaBinder, KafkaSettings
+from streamkit_kafka.conformance import TANSU_SETTINGS
 from streamkit_kafka.testing import TansuBroker, TansuNotFound, free_port
 from streamkit_kafka.testing import kafka_bootstrap as start_kafka
 
@@ -44,13 +45,11 @@ class Kafka:
     tansu: bool
 
     def settings(self, **overrides: Any) -> KafkaSettings:
-        # Tansu answers a JoinGroup after about half the session timeout, so a
-        # short session keeps these tests quick; Kafka needs at least 6 s.
-        session = 2_000 if self.tansu else 6_000
+        # The conformance profile's Tansu tuning: quick joins, leave by expiry.
+        tansu = TANSU_SETTINGS if self.tansu else {"session_timeout_ms": 6_000}
         values: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap,
-            "session_timeout_ms": session,
-            "heartbeat_interval_ms": 400,
+            **tansu,
             "commit_interval_ms": 100,
             "fetch_max_wait_ms": 100,
             "revocation_timeout_ms": 2_000,
@@ -126,6 +125,7 @@ async def test_c1_a_record_left_unacked_comes_back_after_restart(
 CHILD = """
 import asyncio, json, sys
 from streamkit_kafka import KafkaBinder, KafkaSettings
+from streamkit_kafka.conformance import TANSU_SETTINGS
 from streamkit.binder import ConsumerSpec
 
 async def main():

@@ -33,12 +33,15 @@ TEST_SETTINGS: dict[str, Any] = {
 }
 
 
-#: Tansu makes a member wait about half its session timeout (rounded up to whole
-#: seconds) before answering a JoinGroup, so on Tansu a 2 s session turns a 3 s join
-#: into 1 s. Real Kafka refuses sessions under 6 s by default.
+#: On Tansu: a member waits about half its session timeout (rounded up to whole
+#: seconds) for a JoinGroup answer, so a 2 s session turns a 3 s join into 1 s
+#: (Apache Kafka refuses sessions under 6 s by default). And members leave by
+#: session expiry: Tansu can wedge a group when members send LeaveGroup during a
+#: rebalance (see README.md).
 TANSU_SETTINGS: dict[str, Any] = {
     "session_timeout_ms": 2_000,
     "heartbeat_interval_ms": 400,
+    "leave_group_on_close": False,
 }
 
 

@@ -65,6 +65,7 @@ class KafkaSettings(BaseModel):
     commit_batch_size: int = Field(500, gt=0)
     revocation_timeout_ms: int = Field(10_000, ge=0)
     max_uncommitted_per_partition: int = Field(10_000, gt=0)
+    leave_group_on_close: bool = True
 
     # -- provisioning -------------------------------------------------------------
     auto_create_topics: bool = True

@@ -185,6 +185,8 @@ class KafkaSubscription(Subscription, ConsumerRebalanceListener):  # type: ignor
                 await asyncio.wait([self._committer])
             if self.spec.group is not None:
                 await self._commit_quietly(list(self._trackers.values()))
+                if not self._settings.leave_group_on_close:
+                    self._skip_leave_group()
             await quietly(self._consumer.stop())
             self._binder._forget(self)
             logger.info(
@@ -195,6 +197,23 @@ class KafkaSubscription(Subscription, ConsumerRebalanceListener):  # type: ignor
             )
         finally:
             self._close_done.set_result(None)
+
+    def _skip_leave_group(self) -> None:
+        """Close without a LeaveGroup: the broker drops the member at session expiry.
+
+        Tansu can keep a member that left as the leader of the group's next
+        generation, after which no member can ever sync again; expiring a silent
+        member works. aiokafka has no switch for this, so the leave step of this
+        one consumer's coordinator is replaced.
+        """
+        coordinator = self._consumer._coordinator
+        if coordinator is None:
+            return
+
+        async def forget_membership() -> None:
+            coordinator.reset_generation()
+
+        coordinator._maybe_leave_group = forget_membership
 
     # -- consume ---------------------------------------------------------------------
 
