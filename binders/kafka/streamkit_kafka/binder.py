@@ -160,7 +160,7 @@ class KafkaBinder(Binder):
         s = self.settings
         return {
             **s.client_kwargs(),
-            "acks": s.acks,
+            "acks": s.acks_value(),
             "linger_ms": s.linger_ms,
             "max_batch_size": s.max_batch_size,
             "max_request_size": s.max_request_size(),
@@ -305,13 +305,13 @@ class KafkaBinder(Binder):
         producer, _ = self._require_started()
         if not records:
             return
-        await self._provision_topic(
-            spec.destination, spec.partition_count, spec.options
-        )
         timeout = self.settings.delivery_timeout_ms / 1000
         futures: list[asyncio.Future[Any]] = []
         try:
             async with asyncio.timeout(timeout):
+                await self._provision_topic(
+                    spec.destination, spec.partition_count, spec.options
+                )
                 for record in records:
                     futures.append(await self._send(producer, spec.destination, record))
                 await asyncio.gather(*futures)
@@ -322,8 +322,12 @@ class KafkaBinder(Binder):
                 f"{self.settings.delivery_timeout_ms}; is {self.settings.servers()} "
                 "up?"
             ) from exc
+        except BrokerUnavailable as exc:
+            # Provisioning found no broker: to the caller, a publish that failed.
+            raise PublishError(str(exc)) from exc
         except (kafka_errors.KafkaError, AssertionError) as exc:
-            raise _translate(exc, f"publishing to topic {spec.destination!r}") from exc
+            action = f"publishing to topic {spec.destination!r}"
+            raise _translate(exc, action, publishing=True) from exc
         finally:
             _retrieve_exceptions(futures)
         logger.debug(
@@ -388,8 +392,14 @@ class KafkaBinder(Binder):
 # -- error mapping --------------------------------------------------------------------
 
 
-def _translate(exc: BaseException, action: str) -> StreamkitError:
-    """The streamkit error for an aiokafka failure while doing ``action``."""
+def _translate(
+    exc: BaseException, action: str, *, publishing: bool = False
+) -> StreamkitError:
+    """The streamkit error for an aiokafka failure while doing ``action``.
+
+    Publish failures are always a :class:`PublishError`, so that the caller can
+    retry the batch; elsewhere an unreachable broker is :class:`BrokerUnavailable`.
+    """
     if isinstance(exc, StreamkitError):
         return exc
     if isinstance(
@@ -399,21 +409,23 @@ def _translate(exc: BaseException, action: str) -> StreamkitError:
             f"Kafka refused a record {action} as too large ({exc}); raise "
             "max_message_bytes and the broker's message.max.bytes, or send less."
         )
-    if isinstance(
-        exc, kafka_errors.KafkaTimeoutError | kafka_errors.RequestTimedOutError
-    ):
-        return PublishTimeout(f"Kafka timed out {action}: {exc}")
     if isinstance(exc, AssertionError):
         # aiokafka asserts that an explicit partition exists on the topic.
         return PublishError(f"Kafka refused {action}: {exc or 'unknown partition'}")
-    if isinstance(
-        exc,
-        kafka_errors.KafkaConnectionError | kafka_errors.NodeNotReadyError | OSError,
-    ):
-        if action.startswith("publishing"):
-            return PublishError(f"Kafka connection lost {action}: {exc}")
-        return BrokerUnavailable(f"Kafka connection failed {action}: {exc}")
-    if action.startswith("publishing"):
+    unreachable = (
+        kafka_errors.KafkaTimeoutError,
+        kafka_errors.RequestTimedOutError,
+        kafka_errors.KafkaConnectionError,
+        kafka_errors.NodeNotReadyError,
+        OSError,
+    )
+    if isinstance(exc, unreachable):
+        if publishing:
+            timed_out = not isinstance(exc, kafka_errors.KafkaConnectionError | OSError)
+            cls = PublishTimeout if timed_out else PublishError
+            return cls(f"Kafka did not answer {action}: {exc!r}")
+        return BrokerUnavailable(f"Kafka did not answer {action}: {exc!r}")
+    if publishing:
         return PublishError(f"Kafka failed {action}: {exc!r}")
     return BinderError(f"Kafka failed {action}: {exc!r}")
 

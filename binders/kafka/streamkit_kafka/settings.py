@@ -12,7 +12,14 @@ import logging
 import ssl
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 __all__ = ["KafkaConsumerOptions", "KafkaProducerOptions", "KafkaSettings"]
 
@@ -47,7 +54,7 @@ class KafkaSettings(BaseModel):
     metadata_max_age_ms: int = Field(300_000, gt=0)
 
     # -- producer -----------------------------------------------------------------
-    acks: Literal["all", 0, 1] = "all"
+    acks: Literal["all", "1", "0"] = "all"
     linger_ms: int = Field(5, ge=0)
     max_batch_size: int = Field(65_536, gt=0)
     max_message_bytes: int = Field(1_000_000, gt=0)
@@ -80,6 +87,25 @@ class KafkaSettings(BaseModel):
         if not value:
             raise ValueError("give at least one host:port")
         return value
+
+    @field_validator("acks", mode="before")
+    @classmethod
+    def _acks_as_text(cls, value: object) -> object:
+        # YAML gives `acks: 1` as a number, the environment as text: accept both.
+        return str(value) if isinstance(value, int) else value
+
+    @model_validator(mode="after")
+    def _heartbeat_within_session(self) -> KafkaSettings:
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError(
+                "heartbeat_interval_ms must be below session_timeout_ms (a third of "
+                "it is usual)"
+            )
+        return self
+
+    def acks_value(self) -> str | int:
+        """``acks`` as aiokafka takes it."""
+        return "all" if self.acks == "all" else int(self.acks)
 
     def max_request_size(self) -> int:
         """aiokafka's request limit: one record of ``max_message_bytes`` must fit.

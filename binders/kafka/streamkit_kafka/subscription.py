@@ -84,12 +84,16 @@ class KafkaSubscription(Subscription, ConsumerRebalanceListener):  # type: ignor
         if not isinstance(options, KafkaConsumerOptions):
             options = KafkaConsumerOptions()
         anonymous = spec.group is None
+        session = options.session_timeout_ms or s.session_timeout_ms
         return {
             **s.client_kwargs(),
             "group_id": spec.group,
             "enable_auto_commit": False,
             "auto_offset_reset": "latest" if anonymous else spec.start_from,
-            "session_timeout_ms": options.session_timeout_ms or s.session_timeout_ms,
+            "session_timeout_ms": session,
+            # How long the broker waits for members to rejoin: the revocation wait
+            # must fit in it, or the member is dropped from the new generation.
+            "rebalance_timeout_ms": max(session, s.revocation_timeout_ms + 5_000),
             "heartbeat_interval_ms": (
                 options.heartbeat_interval_ms or s.heartbeat_interval_ms
             ),
