@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
@@ -331,7 +331,3 @@ def binder_class(type_name: str) -> type[Binder]:
         f"`pip install 'streamkit[{type_name}]'`."
     )
 
-
-def binder_types() -> Mapping[str, str]:
-    """Installed binder types and the entry points that provide them."""
-    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}

@@ -12,7 +12,7 @@ Register more content types with :func:`register_converter`.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from functools import lru_cache
 from typing import Any, Protocol, cast
 
@@ -178,6 +178,3 @@ def _accepts_none(target: Any) -> bool:
         return False
     return True
 
-
-#: Hook for tests and plug-ins that need the raw converter of a content type.
-converter_for: Callable[[str], Converter] = _converter

@@ -10,14 +10,13 @@ handle a failure::
     ├── BinderNotFound              no plug-in installed for a binder type
     ├── ConversionError             a payload could not be decoded or encoded
     │   └── UnsupportedContentType
-    ├── BinderError                 a broker operation failed
-    │   ├── BrokerUnavailable       the broker cannot be reached (yet)
-    │   ├── PublishError            the broker did not take a record
-    │   │   ├── PublishTimeout      ... within the delivery timeout
-    │   │   ├── MessageTooLarge     ... because it exceeds the broker's limit
-    │   │   └── Unroutable          ... because no queue is bound (when asked)
-    │   └── SubscriptionClosed      the subscription was closed under the caller
-    └── HandlerError                a user function failed for good (carries the cause)
+    └── BinderError                 a broker operation failed
+        ├── BrokerUnavailable       the broker cannot be reached (yet)
+        ├── PublishError            the broker did not take a record
+        │   ├── PublishTimeout      ... within the delivery timeout
+        │   ├── MessageTooLarge     ... because it exceeds the broker's limit
+        │   └── Unroutable          ... because no queue is bound (when asked)
+        └── SubscriptionClosed      the subscription was closed under the caller
 """
 
 from __future__ import annotations
@@ -28,14 +27,13 @@ __all__ = [
     "BrokerUnavailable",
     "ConfigError",
     "ConversionError",
-    "HandlerError",
     "MessageTooLarge",
     "PublishError",
     "PublishTimeout",
     "StreamkitError",
     "SubscriptionClosed",
-    "UnsupportedContentType",
     "Unroutable",
+    "UnsupportedContentType",
 ]
 
 
@@ -89,7 +87,3 @@ class Unroutable(PublishError):
 
 class SubscriptionClosed(BinderError):
     """The subscription was closed; its deliveries can no longer be settled."""
-
-
-class HandlerError(StreamkitError):
-    """A user function failed on every attempt; ``__cause__`` holds the last error."""

@@ -55,10 +55,6 @@ class Composite:
     def has_output(self) -> bool:
         return self.kind != "consumer"
 
-    @property
-    def is_source(self) -> bool:
-        return self.stages[0].is_async_gen and self.kind == "producer"
-
     async def call(self, *args: Any) -> list[Any]:
         origin = args[0] if args and isinstance(args[0], Message) else None
         return await self._rest(await self.stages[0].call(*args), origin)

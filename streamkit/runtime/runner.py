@@ -144,7 +144,6 @@ class AppRunner:
         self._bridge_ports: dict[tuple[str, str, str], OutputPort] = {}
         self._stop = asyncio.Event()
         self._stopped = asyncio.Event()
-        self._started = False
         self._tracing: Tracing | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -162,7 +161,6 @@ class AppRunner:
             await self._close_binders()
             raise
         self.app.runner = self
-        self._started = True
         for hook in self.app._on_startup:
             await _call_hook(hook)
         logger.info("app %s started: %d binding(s)", self.app.name, len(self.bindings))
