@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -532,3 +533,38 @@ async def test_retry_limit_holds_across_a_restart_between_attempts() -> None:
 
     assert calls == [5, 5, 5]
     assert dead.headers["x-attempts"] == "3"
+
+
+async def test_shutdown_starts_no_new_call_of_a_queued_sync_run() -> None:
+    app = StreamApp()
+    calls = Recorder()
+    gate = threading.Event()
+
+    @app.consumer
+    def slow(n: int) -> None:
+        calls.add(n)
+        gate.wait(5)  # the first call blocks until the app is stopping
+
+    settings = {**consumer_settings("slow-in-0"), "shutdown_timeout": 5.0}
+    first = TestStream(app, settings)
+    async with first:
+        for n in range(10):
+            await first.send("slow-in-0", n)
+        await calls.wait_count(1)
+        assert first.runner is not None
+        pipeline = first.runner.inputs["slow-in-0"]
+        stopping = asyncio.create_task(first.runner.stop())
+        for _ in range(100):  # a few loop turns until stop() reaches the binding
+            if pipeline.state == "stopping":
+                break
+            await asyncio.sleep(0)
+        assert pipeline.state == "stopping"
+        gate.set()
+        await stopping
+    first_run = list(calls.items)
+    calls.items.clear()
+    async with TestStream(app, settings, broker=first.broker):
+        await calls.wait_count(10 - len(first_run))
+
+    assert first_run == [0]
+    assert sorted(calls.items) == list(range(1, 10))

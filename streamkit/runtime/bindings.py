@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,18 +89,21 @@ BoundFunction = FunctionDef | Composite
 
 
 async def call_each(
-    fn: BoundFunction, values: list[Any]
+    fn: BoundFunction, values: list[Any], stopping: Callable[[], bool]
 ) -> tuple[list[list[Any]], Exception | None]:
     """Call ``fn`` on each value in order, stopping at the first failure.
 
     Returns the results of the calls that succeeded and the exception of the one that
     failed (``None`` if all succeeded). A plain sync function runs the whole run in one
-    worker-thread hop instead of one hop per value.
+    worker-thread hop instead of one hop per value. No new call starts once
+    ``stopping()`` is true, so fewer results and no exception mean "interrupted".
     """
     if isinstance(fn, FunctionDef) and not (fn.is_async or fn.is_async_gen):
-        return await asyncio.to_thread(_call_each_sync, fn, values)
+        return await asyncio.to_thread(_call_each_sync, fn, values, stopping)
     results: list[list[Any]] = []
     for value in values:
+        if stopping():
+            break
         try:
             results.append(await fn.call(value))
         except Exception as exc:
@@ -108,10 +112,12 @@ async def call_each(
 
 
 def _call_each_sync(
-    fn: FunctionDef, values: list[Any]
+    fn: FunctionDef, values: list[Any], stopping: Callable[[], bool]
 ) -> tuple[list[list[Any]], Exception | None]:
     results: list[list[Any]] = []
     for value in values:
+        if stopping():
+            break
         try:
             if fn.is_gen:
                 results.append([x for x in fn.func(value) if x is not None])

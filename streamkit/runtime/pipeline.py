@@ -450,10 +450,13 @@ class InputPipeline:
             pending.remove(delivery)
         ready = [item for item in ready if await self._within_limit(item[0], pending)]
         while ready:
-            results, failure = await call_each(self.fn, [value for _, value in ready])
+            values = [value for _, value in ready]
+            results, failure = await call_each(self.fn, values, self._stop.is_set)
             done = len(results)
             await self._complete(ready[:done], results, pending)
             if failure is None:
+                if done < len(ready):
+                    raise Stopping  # the rest never started: give it back
                 return
             delivery, value = ready[done]
             await self._retry(delivery, value, failure, pending)
