@@ -199,17 +199,15 @@ class MemoryFixture(Fixture):
     def __init__(self, names: RunNames, count: int, batch: int, prefetch: int) -> None:
         super().__init__(names, count, batch, prefetch)
         self.broker = f"bench-{names.run}"
-        # Room for every input and output: publishers would wait at buffer_size.
-        self.buffer_size = max(10_000, 2 * count)
+        # The prefill needs room for every input (a publisher waits at buffer_size);
+        # the app runs with the binder's defaults (its outputs are trimmed at
+        # buffer_size, as a publisher makes room).
+        self.buffer_size = max(10_000, count)
         self._inbox: asyncio.Queue[tuple[bytes | None, bytes]] = asyncio.Queue()
         self._outbox: asyncio.Queue[tuple[bytes | None, bytes]] = asyncio.Queue()
 
     def binder_settings(self) -> dict[str, Any]:
-        return {
-            "type": "memory",
-            "broker": self.broker,
-            "buffer_size": self.buffer_size,
-        }
+        return {"type": "memory", "broker": self.broker}
 
     def new_binder(self) -> Binder:
         from streamkit.memory import MemoryBinder, MemorySettings

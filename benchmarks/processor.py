@@ -60,6 +60,12 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} is not in /proc/self/status")
 
 
+def collect_garbage() -> None:
+    """Collect before the baseline (a function of its own, so that profiles of a
+    measurement can leave it out)."""
+    gc.collect()
+
+
 def reset_peak_rss() -> None:
     """Reset VmHWM (the peak RSS) to the current RSS (Linux 4.0+)."""
     with open("/proc/self/clear_refs", "w") as refs:
@@ -204,7 +210,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     fixture.new_binder()
     await fixture.open_observer()
     try:
-        gc.collect()
+        collect_garbage()
         reset_peak_rss()
         rss_before = _status_kib("VmRSS")
         if args.tracemalloc:
@@ -408,8 +414,17 @@ def environment() -> dict[str, Any]:
         cwd=HERE,
         check=False,
     ).stdout.strip()
+    # Other engineers edit the tree while benchmarks run: record what was dirty.
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "streamkit", "binders"],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        check=False,
+    ).stdout.split("\n")
     return {
         "python": sys.version.split()[0],
+        "git_dirty": [line.strip() for line in dirty if line.strip()],
         "cpus": os.cpu_count(),
         "versions": versions,
         "git_commit": commit,
@@ -424,6 +439,7 @@ def parent_main(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",")]
     started = datetime.datetime.now(datetime.UTC)
     load_before = os.getloadavg()
+    env = environment()
     runs: list[dict[str, Any]] = []
     with kafka_address("kafka" in brokers):
         for broker in brokers:
@@ -442,7 +458,7 @@ def parent_main(args: argparse.Namespace) -> int:
         "started": started.isoformat(timespec="seconds"),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
-        "environment": environment(),
+        "environment": env,
         "settings": {
             "count": args.count,
             "batch": args.batch,

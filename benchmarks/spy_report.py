@@ -28,6 +28,7 @@ UNTIMED = (
     "last_output (brokers.py",
     "outputs (brokers.py",
     "settled (brokers.py",
+    "collect_garbage (processor.py",
 )
 
 _FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>.+?)(?::\d+)?\)$")
