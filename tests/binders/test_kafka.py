@@ -404,7 +404,7 @@ async def test_asking_for_more_partitions_never_fails(
 # -- connections and settings (CASES.md C11) -------------------------------------------
 
 
-async def test_publishing_to_a_stopped_broker_times_out_and_close_returns(
+async def test_with_the_broker_gone_publish_fails_in_time_and_close_returns(
     kafka: Kafka, names: Names, tmp_path: Path
 ) -> None:
     if not kafka.tansu:
@@ -414,13 +414,15 @@ async def test_publishing_to_a_stopped_broker_times_out_and_close_returns(
     settings = kafka.settings(
         bootstrap_servers=broker.bootstrap,
         delivery_timeout_ms=1_500,
-        request_timeout_ms=1_000,
+        close_timeout_ms=1_500,
     )
     binder = KafkaBinder(settings)
     try:
         await binder.start()
         dest = names.destination()
+        sub = await binder.subscribe(ConsumerSpec(dest, group=names.group()))
         await binder.publish(ProducerSpec(dest), numbered(1))
+        await collect(sub, 1, TIMEOUT)  # acked: a commit is due at close
         broker.stop()
 
         loop = asyncio.get_running_loop()
@@ -429,12 +431,16 @@ async def test_publishing_to_a_stopped_broker_times_out_and_close_returns(
             await binder.publish(ProducerSpec(dest), numbered(1, start=1))
         took = loop.time() - began
         health = await asyncio.wait_for(binder.health(), 10)
+        began = loop.time()
+        await asyncio.wait_for(binder.close(), 10)
+        closing = loop.time() - began
     finally:
         broker.stop()
         await asyncio.wait_for(binder.close(), 10)
 
     assert took < 5
     assert not health.ok
+    assert closing < 5
 
 
 async def test_an_unreachable_broker_is_reported_with_its_address() -> None:

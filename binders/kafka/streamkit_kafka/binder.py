@@ -160,6 +160,9 @@ class KafkaBinder(Binder):
         s = self.settings
         return {
             **s.client_kwargs(),
+            # aiokafka expires a batch that waited this long for the broker, which
+            # makes it the delivery timeout, and the longest a close() flushes.
+            "request_timeout_ms": s.delivery_timeout_ms,
             "acks": s.acks_value(),
             "linger_ms": s.linger_ms,
             "max_batch_size": s.max_batch_size,

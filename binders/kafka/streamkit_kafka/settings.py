@@ -73,6 +73,7 @@ class KafkaSettings(BaseModel):
     revocation_timeout_ms: int = Field(10_000, ge=0)
     max_uncommitted_per_partition: int = Field(10_000, gt=0)
     leave_group_on_close: bool = True
+    close_timeout_ms: int = Field(10_000, gt=0)
 
     # -- provisioning -------------------------------------------------------------
     auto_create_topics: bool = True
@@ -95,13 +96,30 @@ class KafkaSettings(BaseModel):
         return str(value) if isinstance(value, int) else value
 
     @model_validator(mode="after")
-    def _heartbeat_within_session(self) -> KafkaSettings:
+    def _group_timeouts_fit(self) -> KafkaSettings:
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             raise ValueError(
                 "heartbeat_interval_ms must be below session_timeout_ms (a third of "
                 "it is usual)"
             )
+        if self.request_timeout_ms <= self.rebalance_timeout_ms():
+            # aiokafka waits for a JoinGroup answer no longer than one request, and
+            # the broker may hold it for a whole rebalance: the join would never end.
+            raise ValueError(
+                f"request_timeout_ms ({self.request_timeout_ms}) must be longer than "
+                f"a rebalance ({self.rebalance_timeout_ms()} ms: "
+                "revocation_timeout_ms + 5000, at least session_timeout_ms)"
+            )
         return self
+
+    def rebalance_timeout_ms(self, session_timeout_ms: int | None = None) -> int:
+        """How long the broker waits for members to rejoin in a rebalance.
+
+        The revocation wait has to fit in it, or the member is dropped from the new
+        generation.
+        """
+        session = session_timeout_ms or self.session_timeout_ms
+        return max(session, self.revocation_timeout_ms + 5_000)
 
     def acks_value(self) -> str | int:
         """``acks`` as aiokafka takes it."""

@@ -91,9 +91,7 @@ class KafkaSubscription(Subscription, ConsumerRebalanceListener):  # type: ignor
             "enable_auto_commit": False,
             "auto_offset_reset": "latest" if anonymous else spec.start_from,
             "session_timeout_ms": session,
-            # How long the broker waits for members to rejoin: the revocation wait
-            # must fit in it, or the member is dropped from the new generation.
-            "rebalance_timeout_ms": max(session, s.revocation_timeout_ms + 5_000),
+            "rebalance_timeout_ms": s.rebalance_timeout_ms(session),
             "heartbeat_interval_ms": (
                 options.heartbeat_interval_ms or s.heartbeat_interval_ms
             ),
@@ -111,14 +109,13 @@ class KafkaSubscription(Subscription, ConsumerRebalanceListener):  # type: ignor
             if self.spec.group is None:
                 await self._start_anonymous(topic)
             else:
-                # start() returns after the first assignment (the listener ran).
                 self._consumer.subscribe([topic], listener=self)
-                await self._consumer.start()
+                await self._join(topic)
                 if self.spec.start_from == "latest":
                     await self._pin_to_log_end(await self._uncommitted_partitions())
         except BaseException:
             # The binder translates the error; the half-started consumer goes.
-            await quietly(self._consumer.stop())
+            await self._stop_consumer()
             raise
         if self.spec.group is not None:
             self._committer = asyncio.create_task(
@@ -131,6 +128,23 @@ class KafkaSubscription(Subscription, ConsumerRebalanceListener):  # type: ignor
             sorted(tp.partition for tp in self._trackers),
             extra=self._log_extra,
         )
+
+    async def _join(self, topic: str) -> None:
+        """Start the consumer; aiokafka returns after the first assignment.
+
+        aiokafka retries a join for as long as it takes; a broker that never
+        completes one (gone, or a wedged group) ends in an error instead.
+        """
+        s = self._settings
+        limit = (s.rebalance_timeout_ms() + s.request_timeout_ms) / 1000
+        try:
+            async with asyncio.timeout(limit):
+                await self._consumer.start()
+        except TimeoutError as exc:
+            raise kafka_errors.KafkaTimeoutError(
+                f"group {self.spec.group!r} did not assign partitions of {topic!r} "
+                f"within {limit:.0f} s"
+            ) from exc
 
     async def _start_anonymous(self, topic: str) -> None:
         partitions = [TopicPartition(topic, p) for p in range(self._partitions)]
@@ -188,10 +202,14 @@ class KafkaSubscription(Subscription, ConsumerRebalanceListener):  # type: ignor
                 self._committer.cancel()
                 await asyncio.wait([self._committer])
             if self.spec.group is not None:
-                await self._commit_quietly(list(self._trackers.values()))
+                # A broker that is gone gets close_timeout_ms, then the commit is
+                # dropped: those records are delivered again.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._settings.close_timeout_ms / 1000):
+                        await self._commit_quietly(list(self._trackers.values()))
                 if not self._settings.leave_group_on_close:
                     self._skip_leave_group()
-            await quietly(self._consumer.stop())
+            await self._stop_consumer()
             self._binder._forget(self)
             logger.info(
                 "Closed subscription to Kafka topic %r (group %r)",
@@ -201,6 +219,20 @@ class KafkaSubscription(Subscription, ConsumerRebalanceListener):  # type: ignor
             )
         finally:
             self._close_done.set_result(None)
+
+    async def _stop_consumer(self) -> None:
+        try:
+            await self._consumer.stop()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # aiokafka 0.14's Fetcher.close() awaits a fetch it has just cancelled
+            # (one retrying a broker that is gone), so a CancelledError escapes
+            # stop() before the connections are closed: close them here.
+            await quietly(self._consumer._client.close())
+        except Exception as exc:
+            logger.debug("Ignored while stopping a consumer: %r", exc)
 
     def _skip_leave_group(self) -> None:
         """Close without a LeaveGroup: the broker drops the member at session expiry.
@@ -418,7 +450,14 @@ class KafkaSubscription(Subscription, ConsumerRebalanceListener):  # type: ignor
                 async with asyncio.timeout(interval):
                     await self._commit_due.wait()
             self._commit_due.clear()
-            await self._commit_quietly(list(self._trackers.values()))
+            try:
+                await self._commit_quietly(list(self._trackers.values()))
+            except Exception:
+                # Never let the committer die silently: the next round tries again.
+                logger.exception(
+                    "Committing offsets of %r failed", self.spec.destination,
+                    extra=self._log_extra,
+                )  # fmt: skip
 
     async def _commit_quietly(self, trackers: list[PartitionTracker]) -> None:
         """Commit the settled prefix of ``trackers``; failures are logged, not raised.
@@ -438,7 +477,10 @@ class KafkaSubscription(Subscription, ConsumerRebalanceListener):  # type: ignor
             for tracker, _ in due:
                 tracker.metadata_dirty = False
             try:
-                await self._consumer.commit(offsets)
+                # aiokafka retries a commit while the coordinator is away; a bound
+                # keeps close() and revocation from waiting for a dead broker.
+                async with asyncio.timeout(self._settings.request_timeout_ms / 1000):
+                    await self._consumer.commit(offsets)
             except (
                 kafka_errors.CommitFailedError,
                 kafka_errors.IllegalStateError,
@@ -453,7 +495,7 @@ class KafkaSubscription(Subscription, ConsumerRebalanceListener):  # type: ignor
                     extra=self._log_extra,
                 )
                 return
-            except kafka_errors.KafkaError as exc:
+            except (kafka_errors.KafkaError, TimeoutError) as exc:
                 logger.warning(
                     "Committing offsets of %r failed (%r); retrying later",
                     self.spec.destination,
