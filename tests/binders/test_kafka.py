@@ -369,9 +369,9 @@ async def test_a_dead_letter_keeps_the_partition_of_its_source(
     dest, group = names.destination(), names.group()
     spec = ConsumerSpec(dest, group=group, partition_count=3)
     await binder.provision_producer(ProducerSpec(dest, partition_count=3))
+    sub = await binder.subscribe_dead_letters(spec)  # the reader may come first
 
     await binder.publish_dead_letter(spec, Record(b"bad", {"sk-id": b"0"}, None, 2))
-    sub = await binder.subscribe_dead_letters(spec)
     (dead,) = await collect(sub, 1, TIMEOUT)
 
     assert binder.dead_letter_destination(spec) == f"error.{dest}.{group}"

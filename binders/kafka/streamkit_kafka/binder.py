@@ -385,6 +385,20 @@ class KafkaBinder(Binder):
         self._subscriptions.add(subscription)
         return subscription
 
+    async def subscribe_dead_letters(
+        self, spec: ConsumerSpec, *, group: str = "dlq-reader"
+    ) -> Subscription:
+        # Created like publish_dead_letter creates it, with the source's partition
+        # count, when the reader comes first.
+        partitions = await self._provision_topic(spec.destination, spec.partition_count)
+        return await self.subscribe(
+            ConsumerSpec(
+                self.dead_letter_destination(spec),
+                group=group,
+                partition_count=partitions,
+            )
+        )
+
     def _forget(self, subscription: KafkaSubscription) -> None:
         self._subscriptions.discard(subscription)
 
