@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -259,7 +260,8 @@ class MemoryFixture(Fixture):
 
     async def last_output(self) -> bytes | None:
         if self._outbox.qsize():
-            return self._outbox._queue[-1][1]  # type: ignore[attr-defined]
+            newest: bytes = self._outbox._queue[-1][1]  # type: ignore[attr-defined]
+            return newest
         part = self._destination(self.names.output).partitions[0]
         if not len(part):
             return None
@@ -309,7 +311,8 @@ class RedisFixture(Fixture):
         to_ack: list[bytes] = []
         try:
             while done < self.count:
-                reply = await client.xreadgroup(
+                # redis-py types the reply loosely: [[stream, [(id, fields)]]].
+                reply: Any = await client.xreadgroup(
                     names.group, "raw", {names.input: ">"}, count=self.batch, block=1000
                 )
                 if not reply:
@@ -497,16 +500,30 @@ class RabbitFixture(Fixture):
 
     async def cleanup(self) -> None:
         names = self.names
-        for queue in (
+        queues = (
             self.input_queue,
             f"{self.input_queue}.dlq",
             self.output_queue,
             f"{self.output_queue}.dlq",
-        ):
-            await self._channel.queue_delete(queue)
+        )
+        # A channel per deletion: a refused one closes its channel, not the rest.
+        for queue in queues:
+            await self._on_new_channel(lambda ch, q=queue: ch.queue_delete(q))
         for exchange in (names.input, names.output):
-            await self._channel.exchange_delete(exchange)
+            await self._on_new_channel(lambda ch, e=exchange: ch.exchange_delete(e))
         await self._connection.close()
+
+    async def _on_new_channel(self, action: Callable[[Any], Any]) -> None:
+        import aio_pika.exceptions
+
+        channel = await self._connection.channel()
+        try:
+            await action(channel)
+        except aio_pika.exceptions.AMQPError as exc:
+            print(f"cleanup: {exc}", file=sys.stderr)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
 
 
 # -- Kafka --------------------------------------------------------------------------

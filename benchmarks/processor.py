@@ -107,15 +107,15 @@ def build_app(mode: str, progress: Progress) -> Any:
     app = StreamApp("bench")
     if mode == "sync":
 
-        @app.processor
-        def enrich(order: Order) -> Order:
+        @app.processor(name="enrich")
+        def enrich_sync(order: Order) -> Order:
             progress.hit()
             return enrich_order(order)
 
     else:
 
-        @app.processor
-        async def enrich(order: Order) -> Order:  # type: ignore[no-redef]
+        @app.processor(name="enrich")
+        async def enrich_async(order: Order) -> Order:
             progress.hit()
             return enrich_order(order)
 

@@ -1,10 +1,12 @@
 """Summarise a py-spy ``--format raw`` profile of one benchmark measurement.
 
-Record one child measurement, then summarise where its CPU samples went::
+Record one child measurement (its inputs written first, see README.md), then
+summarise where its CPU samples went::
 
-    .venv/bin/py-spy record -r 500 -f raw -o /tmp/redis-sync.txt -- \\
-        .venv/bin/python benchmarks/processor.py --child --broker redis \\
-        --mode sync --count 20000
+    A="--child --run prof1 --broker redis --mode sync --count 20000"
+    .venv/bin/python benchmarks/processor.py $A --prefill
+    .venv/bin/py-spy record -r 500 --gil -f raw -o /tmp/redis-sync.txt -- \\
+        .venv/bin/python benchmarks/processor.py $A
     .venv/bin/python benchmarks/spy_report.py /tmp/redis-sync.txt
 
 Samples of the untimed parts (imports, prefill, observation, cleanup) are left
