@@ -60,7 +60,9 @@ class ConsumerSettings(BaseModel):
     )
     non_retryable_exceptions: list[str] = Field(default_factory=list)
     dlq: bool = True
-    prefetch: int | None = Field(None, ge=1, description="default: 16 x concurrency")
+    prefetch: int | None = Field(
+        None, ge=1, description="default: max(batch_size, 16 x concurrency)"
+    )
     batch_size: int = Field(64, ge=1)
     ordering: Literal["key", "partition", "none"] = "key"
     partitioned: bool = False
