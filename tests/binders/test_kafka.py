@@ -471,3 +471,30 @@ def test_printed_settings_never_show_credentials() -> None:
 def test_unknown_settings_are_reported_by_name() -> None:
     with pytest.raises(ValueError, match="bootstrap_server"):
         KafkaSettings(bootstrap_server="localhost:9092")  # type: ignore[call-arg]
+
+
+async def test_partitioned_output_to_a_topic_with_fewer_partitions_never_jams(
+    kafka: Kafka,
+    binders: list[KafkaBinder],
+    names: Names,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The consumer binding creates the topic with 1 partition first; the producer
+    # binding picks among 3. The topic cannot grow (as on Tansu), so records for
+    # partitions 1 and 2 must land on partition 0, not be refused forever.
+    binder = await started(binders, kafka.settings(auto_add_partitions=False))
+    dest = names.destination()
+    sub = await binder.subscribe(ConsumerSpec(dest, group=names.group()))
+    records = numbered(6, partition=lambda n: n % 3)
+
+    with caplog.at_level(logging.WARNING, logger="streamkit_kafka"):
+        spec = ProducerSpec(dest, partition_count=3)
+        await asyncio.wait_for(binder.publish(spec, records[:3]), TIMEOUT)
+        await asyncio.wait_for(binder.publish(spec, records[3:]), TIMEOUT)
+
+    got = await collect_ids(sub, range(6), TIMEOUT)
+    assert sorted(set(ids(got))) == list(range(6))
+    folded = [r.getMessage() for r in caplog.records if "modulo" in r.getMessage()]
+    assert len(folded) == 1  # one warning per topic, naming both counts
+    assert dest in folded[0]
+    assert "1 partition(s), 3 were asked for" in folded[0]

@@ -93,6 +93,11 @@ class KafkaBinder(Binder):
         self._producer: AIOKafkaProducer | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._topics: dict[str, int] = {}
+        # The most partitions asked for per topic, so that a topic that cannot grow
+        # is not asked again on every publish; and the topics already warned about
+        # records folded onto fewer partitions.
+        self._asked: dict[str, int] = {}
+        self._folded: set[str] = set()
         self._provision_lock = asyncio.Lock()
         self._subscriptions: set[KafkaSubscription] = set()
         self._closed = False
@@ -191,13 +196,14 @@ class KafkaBinder(Binder):
         """Make sure ``topic`` has at least ``partitions``; its partition count."""
         wanted = max(partitions, self.settings.min_partition_count)
         known = self._topics.get(topic)
-        if known is not None and known >= wanted:
+        if known is not None and wanted <= max(known, self._asked.get(topic, 0)):
             return known
         async with self._provision_lock:
             known = self._topics.get(topic)
-            if known is None or known < wanted:
+            if known is None or wanted > max(known, self._asked.get(topic, 0)):
                 known = await self._create_or_grow(topic, wanted, options)
                 self._topics[topic] = known
+                self._asked[topic] = max(wanted, self._asked.get(topic, 0))
         return known
 
     def dead_letter_destination(self, spec: ConsumerSpec) -> str:
@@ -312,10 +318,11 @@ class KafkaBinder(Binder):
         futures: list[asyncio.Future[Any]] = []
         try:
             async with asyncio.timeout(timeout):
-                await self._provision_topic(
+                actual = await self._provision_topic(
                     spec.destination, spec.partition_count, spec.options
                 )
                 for record in records:
+                    record = self._fold(spec.destination, record, actual)
                     futures.append(await self._send(producer, spec.destination, record))
                 await asyncio.gather(*futures)
         except TimeoutError as exc:
@@ -339,6 +346,28 @@ class KafkaBinder(Binder):
             spec.destination,
             extra={"destination": spec.destination, "binding": spec.binding},
         )
+
+    def _fold(self, topic: str, record: Record, actual: int) -> Record:
+        """``record`` with a partition that exists on ``topic``.
+
+        A topic that could not grow (Tansu, ``auto_add_partitions`` off) has fewer
+        partitions than the binding picks from; the broker refuses a record for a
+        missing partition, and a retry would be refused forever. Such a record goes
+        to ``partition % actual`` instead: ordering per key still holds, only the
+        spread is lost.
+        """
+        partition = record.partition
+        if partition is None or partition < actual:
+            return record
+        if topic not in self._folded:
+            self._folded.add(topic)
+            logger.warning(
+                "Kafka topic %r has %d partition(s), %d were asked for; a record "
+                "for a missing partition goes to its partition modulo %d",
+                topic, actual, self._asked.get(topic, partition + 1), actual,
+                extra={"destination": topic},
+            )  # fmt: skip
+        return Record(record.value, record.headers, record.key, partition % actual)
 
     async def _send(
         self, producer: AIOKafkaProducer, topic: str, record: Record
