@@ -11,6 +11,7 @@ Invalid settings raise :class:`~streamkit.errors.ConfigError` naming the dotted 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -20,7 +21,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -40,6 +48,8 @@ __all__ = [
     "parse_overrides",
     "redact",
 ]
+
+logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "STREAMKIT_"
 DEFAULT_CONFIG_FILES = ("streamkit.yaml", "streamkit.yml", "streamkit.toml")
@@ -72,6 +82,15 @@ class ConsumerSettings(BaseModel):
         None, ge=1, description="partitions of the destination (default instance_count)"
     )
     start_from: Literal["earliest", "latest"] = "earliest"
+
+    @model_validator(mode="after")
+    def _instance_in_range(self) -> ConsumerSettings:
+        if self.instance_index >= self.instance_count:
+            raise ValueError(
+                f"instance_index {self.instance_index} must be below instance_count "
+                f"{self.instance_count}"
+            )
+        return self
 
 
 class ProducerSettings(BaseModel):
@@ -109,6 +128,12 @@ class BinderConfig(BaseModel):
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    def __repr_args__(self) -> Any:
+        # The extras are the binder's raw settings, passwords included; the binder's
+        # own model redacts them once validated, this repr must not leak them first.
+        for name, value in super().__repr_args__():
+            yield name, redact(value, name or "")
 
 
 class Settings(BaseSettings):
@@ -177,10 +202,19 @@ class Settings(BaseSettings):
 
 
 def _read_file(path: Path) -> dict[str, Any]:
+    if path.suffix not in (".yaml", ".yml", ".toml"):
+        raise ConfigError(
+            f"config file {path} must be YAML (.yaml, .yml) or TOML (.toml)",
+            key="config",
+        )
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8"
+        ) from exc
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
@@ -250,6 +284,7 @@ def load_settings(
         path = next((p for p in DEFAULT_CONFIG_FILES if Path(p).is_file()), None)
     if overrides is not None and not isinstance(overrides, Mapping):
         overrides = parse_overrides(overrides)
+    _warn_unknown_environment(os.environ)
     token = _config_file.set(Path(path) if path is not None else None)
     try:
         return Settings(**(overrides or {}))
@@ -268,6 +303,35 @@ def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any
         else:
             merged[key] = value
     return merged
+
+
+#: STREAMKIT_* variables that are not settings (the test suite's broker addresses...).
+_OTHER_VARIABLES = {
+    "STREAMKIT_CONFIG",
+    "STREAMKIT_REDIS_URL",
+    "STREAMKIT_RABBIT_URL",
+    "STREAMKIT_KAFKA_BOOTSTRAP",
+    "STREAMKIT_PROFILES",
+    "STREAMKIT_CONFORMANCE_SIZE",
+    "STREAMKIT_TANSU_LOG_DIR",
+}
+
+
+def _warn_unknown_environment(environ: Mapping[str, str]) -> None:
+    """Warn about STREAMKIT_* variables that set nothing (a typo is otherwise
+    silent: STREAMKIT_SHUTDOWN_TIMOUT, or single underscores between keys)."""
+    fields = {name.upper() for name in Settings.model_fields}
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in _OTHER_VARIABLES:
+            continue
+        top = name[len(ENV_PREFIX) :].split("__", 1)[0]
+        if top not in fields:
+            logger.warning(
+                "environment variable %s sets no setting (settings: %s; nested keys "
+                "are joined with __)",
+                name,
+                ", ".join(sorted(f"{ENV_PREFIX}{f}" for f in fields)),
+            )
 
 
 def validate_settings(data: Mapping[str, Any]) -> Settings:

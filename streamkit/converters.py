@@ -58,10 +58,14 @@ class JsonConverter:
             if _is_any(target):
                 return json.loads(data)
             return _adapter(target).validate_json(data)
-        except (ValidationError, ValueError) as exc:
-            raise ConversionError(
-                f"invalid JSON payload for {_name(target)}: {exc}"
-            ) from exc
+        except ValidationError as exc:
+            if any(err["type"] == "json_invalid" for err in exc.errors()):
+                problem = "is not valid JSON"
+            else:
+                problem = f"does not match {_name(target)}"
+            raise ConversionError(f"payload {problem}: {exc}") from exc
+        except ValueError as exc:
+            raise ConversionError(f"payload is not valid JSON: {exc}") from exc
 
     def encode(self, value: Any) -> bytes:
         if isinstance(value, BaseModel):
@@ -178,3 +182,7 @@ def _accepts_none(target: Any) -> bool:
         return False
     return True
 
+
+def converter_for(content_type: str) -> Converter:
+    """The converter of ``content_type``; :class:`UnsupportedContentType` if none."""
+    return _converter(content_type)

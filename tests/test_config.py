@@ -168,3 +168,79 @@ def test_redact_masks_passwords_and_url_credentials() -> None:
     assert "s3cret" not in shown and "hunter2" not in shown
     assert "amqp://guest:***@rabbit:5672/" in shown
     assert "'host': 'h'" in shown
+
+
+def test_config_file_that_is_not_utf8_or_not_yaml_is_a_config_error(
+    tmp_path: Path,
+) -> None:
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    ini = tmp_path / "cfg.ini"
+    ini.write_text("shutdown_timeout = 5\n")
+
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_settings(binary)
+    with pytest.raises(ConfigError, match=r"YAML \(.yaml, .yml\) or TOML"):
+        load_settings(ini)
+
+
+def test_unknown_output_content_type_stops_before_any_message() -> None:
+    app = StreamApp()
+
+    @app.processor
+    def f(x: int) -> int:
+        return x
+
+    settings = load_settings(None, ["bindings.f-out-0.content_type=text/nonsense"])
+
+    with pytest.raises(ConfigError) as info:
+        resolve(app, settings)
+    assert info.value.key == "bindings.f-out-0.content_type"
+
+
+def test_instance_index_must_be_below_instance_count() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, ["bindings.f-in-0.consumer.instance_index=5"])
+
+    assert info.value.key == "bindings.f-in-0.consumer"
+    assert "instance_index 5 must be below instance_count 1" in str(info.value)
+
+
+def test_an_empty_stage_in_functions_is_an_error() -> None:
+    app = StreamApp()
+
+    @app.processor
+    def invoice(x: int) -> int:
+        return x
+
+    with pytest.raises(ConfigError, match="''"):
+        resolve(app, load_settings(None, ["functions=invoice|"]))
+
+
+def test_settings_repr_never_shows_binder_secrets() -> None:
+    settings = load_settings(
+        None,
+        [
+            "binders.bus.type=redis",
+            "binders.bus.url=redis://user:S3cretRedis@cache:6379/0",
+            "binders.bus.sasl_plain_password=S3cretKafka",
+        ],
+    )
+
+    shown = repr(settings)
+
+    assert "S3cret" not in shown
+    assert "redis://user:***@cache:6379/0" in shown
+
+
+def test_environment_variable_that_sets_nothing_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("STREAMKIT_SHUTDOWN_TIMOUT", "5")
+    monkeypatch.setenv("STREAMKIT_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+    load_settings(None)
+
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("STREAMKIT_SHUTDOWN_TIMOUT sets no setting" in m for m in warned)
+    assert not any("STREAMKIT_REDIS_URL" in m.split(" sets")[0] for m in warned)

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ValidationError
 from ..app import FunctionDef, StreamApp
 from ..binder import Binder, binder_class
 from ..config import BindingSettings, Settings, config_error
-from ..errors import ConfigError
+from ..converters import converter_for
+from ..errors import ConfigError, UnsupportedContentType
 from ..message import Message
 
 __all__ = ["BoundFunction", "Composite", "ResolvedBinding", "resolve"]
@@ -150,12 +151,13 @@ def bound_functions(app: StreamApp, settings: Settings) -> list[BoundFunction]:
         return list(app.functions.values())
     result: list[BoundFunction] = []
     for definition in settings.functions.split(";"):
-        names = [n.strip() for n in definition.split("|") if n.strip()]
+        names = [n.strip() for n in definition.split("|")]
         unknown = [n for n in names if n not in app.functions]
-        if unknown or not names:
+        if unknown:
             raise ConfigError(
-                f"functions: {', '.join(unknown) or repr(definition)} is not a "
-                f"function of the app (functions: {', '.join(sorted(app.functions))})",
+                f"functions: {', '.join(map(repr, unknown))} in {definition!r} is "
+                f"not a function of the app (functions: "
+                f"{', '.join(sorted(app.functions))})",
                 key="functions",
             )
         stages = [app.functions[n] for n in names]
@@ -197,8 +199,9 @@ def resolve(
                 binder_type = settings.binder_config(binder_name).type
             except ConfigError as exc:
                 key = f"bindings.{name}.binder" if bs.binder else "default_binder"
-                raise ConfigError(str(exc), key=key) from None
+                raise ConfigError(f"{key}: {exc}", key=key) from None
             cls, _ = binder_settings(settings, binder_name)
+            _check_content_type(bs.content_type, name)
             resolved.append(
                 ResolvedBinding(
                     name=name,
@@ -223,13 +226,22 @@ def resolve(
     return functions, resolved
 
 
+def _check_content_type(content_type: str, binding: str) -> None:
+    try:
+        converter_for(content_type)
+    except UnsupportedContentType as exc:
+        key = f"bindings.{binding}.content_type"
+        raise ConfigError(f"{key}: {exc}", key=key) from None
+
+
 def binder_settings(settings: Settings, name: str) -> tuple[type[Binder], BaseModel]:
     """The binder class for binder ``name`` and its validated settings."""
     config = settings.binder_config(name)
     try:
         cls = binder_class(config.type)
     except ConfigError as exc:
-        raise type(exc)(str(exc), key=f"binders.{name}.type") from None
+        key = f"binders.{name}.type"
+        raise type(exc)(f"{key}: {exc}", key=key) from None
     try:
         return cls, cls.settings_model.model_validate(config.options())
     except ValidationError as exc:
