@@ -331,3 +331,30 @@ async def test_a_restarted_consumer_pages_through_its_own_pending_list(
     counts = Counter(id_of(d) for d in got)
     assert set(counts) == set(range(50)) and set(counts.values()) == {1}
     assert await pending_count(raw, stream, "g") == 0
+
+
+async def test_an_unpartitioned_consumer_reads_every_partition_of_the_producer(
+    make_binder: MakeBinder, raw: Redis, stream: str
+) -> None:
+    binder = await make_binder()
+    producer = ProducerSpec(stream, partition_count=3)
+    try:
+        await binder.provision_producer(producer)
+        group_sub = await binder.subscribe(ConsumerSpec(stream, group="g"))
+        anonymous = await binder.subscribe(ConsumerSpec(stream))
+        await binder.publish(producer, numbered(6, partition=lambda i: i % 3))
+        await binder.publish(ProducerSpec(stream), numbered(1, start=6))
+
+        grouped = await collect_ids(group_sub, range(7), WAIT)
+        broadcast = await collect_ids(anonymous, range(7), WAIT)
+        noted = await raw.hget("streamkit:partitions", stream)
+    finally:
+        await raw.hdel("streamkit:partitions", stream)
+        await raw.delete(*(f"{stream}-{p}" for p in range(3)))
+
+    assert noted == b"3"
+    assert sorted({id_of(d) for d in grouped}) == list(range(7))
+    assert sorted({id_of(d) for d in broadcast}) == list(range(7))
+    assert {(id_of(d), d.partition) for d in grouped if id_of(d) < 6} == {
+        (i, i % 3) for i in range(6)
+    }

@@ -4,7 +4,9 @@ Mapping
 -------
 * A destination is a stream key. Partition ``n`` of a destination with
   ``partition_count > 1`` is the stream ``<destination>-<n>``; with one partition it
-  is the plain key.
+  is the plain key. A producer with ``partition_count > 1`` records the count in
+  the hash ``streamkit:partitions``; an unpartitioned subscriber reads the plain key
+  and every partition stream that hash names when it subscribes.
 * A group is a consumer group of each stream, created with ``MKSTREAM``: at ``0``
   (the whole history) for a new group, at ``$`` with ``start_from="latest"``.
 * A subscription without a group reads with ``XREAD`` from the stream's last id at
@@ -85,6 +87,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _MIN_SERVER = (6, 2)  # XAUTOCLAIM, exclusive ranges in XPENDING
+# Hash of destination -> partition count, written by partitioned producers so that
+# an unpartitioned subscriber knows which ``<destination>-<n>`` streams to read.
+PARTITIONS_KEY = "streamkit:partitions"
 
 
 # -- the binder ---------------------------------------------------------------------
@@ -131,6 +136,7 @@ class RedisBinder(Binder):
         self._slots: dict[tuple[str, str], set[int]] = {}
         self._trim_warned: set[str] = set()
         self._partition_rr = itertools.count()
+        self._recorded: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return (
@@ -246,11 +252,38 @@ class RedisBinder(Binder):
         # XADD creates a stream on first use; there is nothing to declare ahead.
         self.require_client()
         self._warn_trimming(spec)
+        try:
+            await self._record_partitions(spec)
+        except rx.RedisError as exc:
+            raise self.translate_error(exc, f"provision {spec.destination!r}") from exc
 
-    def streams_for(self, spec: ConsumerSpec) -> list[str]:
-        if spec.partition_count <= 1:
-            return [spec.destination] if 0 in spec.partitions() else []
-        return [f"{spec.destination}-{p}" for p in spec.partitions()]
+    async def _record_partitions(self, spec: ProducerSpec) -> None:
+        """Note a partitioned destination's count for unpartitioned subscribers.
+
+        Only ever raised: a producer asking for fewer partitions must not hide
+        streams that still hold entries.
+        """
+        count, dest = spec.partition_count, spec.destination
+        if count <= 1 or self._recorded.get(dest, 0) >= count:
+            return
+        client = self.require_client()
+        known = await client.hget(PARTITIONS_KEY, dest)
+        if known is None or int(known) < count:
+            await client.hset(PARTITIONS_KEY, dest, count)
+        self._recorded[dest] = max(count, int(known or 0))
+
+    async def streams_for(self, spec: ConsumerSpec) -> dict[str, int]:
+        """The streams ``spec`` reads, each with its partition number."""
+        if spec.partition_count > 1:
+            return {f"{spec.destination}-{p}": p for p in spec.partitions()}
+        if spec.partitioned:
+            return {spec.destination: 0} if 0 in spec.partitions() else {}
+        # An unpartitioned subscriber gets every partition, as on the other
+        # binders: the plain key plus each stream a partitioned producer announced.
+        known = await self.require_client().hget(PARTITIONS_KEY, spec.destination)
+        streams = {spec.destination: 0}
+        streams.update({f"{spec.destination}-{p}": p for p in range(int(known or 0))})
+        return streams
 
     def stream_for(self, spec: ProducerSpec, record: Record) -> str:
         count = spec.partition_count
@@ -300,6 +333,18 @@ class RedisBinder(Binder):
         client = self.require_client()
         self._check_sizes(spec, records)
         self._warn_trimming(spec)
+        if spec.partition_count > 1 and spec.destination not in self._recorded:
+            try:
+                await self._record_partitions(spec)
+            except CONNECTION_ERRORS as exc:
+                # The records matter more; the note is tried again next publish.
+                logger.debug(
+                    "could not record partitions of %s: %s", spec.destination, exc
+                )
+            except rx.RedisError as exc:
+                raise self.translate_error(
+                    exc, f"publish to {spec.destination!r}"
+                ) from exc
         commands = [
             self._xadd_args(spec, record, self.stream_for(spec, record))
             for record in records
@@ -392,8 +437,8 @@ class RedisBinder(Binder):
                 f"start_from must be 'earliest' or 'latest', not {spec.start_from!r}.",
                 key="start_from",
             )
-        streams = self.streams_for(spec)
         try:
+            streams = await self.streams_for(spec)
             sub = await self._attach(spec, streams)
         except rx.RedisError as exc:
             raise self.translate_error(
@@ -409,7 +454,7 @@ class RedisBinder(Binder):
         return sub
 
     async def _attach(
-        self, spec: ConsumerSpec, streams: list[str]
+        self, spec: ConsumerSpec, streams: dict[str, int]
     ) -> RedisSubscription:
         if spec.group is None:
             positions = {stream: await self._last_id(stream) for stream in streams}

@@ -126,7 +126,7 @@ class RedisSubscription(Subscription):
         self,
         binder: RedisBinder,
         spec: ConsumerSpec,
-        streams: list[str],
+        streams: dict[str, int],
         *,
         consumer: str | None = None,
         positions: dict[str, str] | None = None,
@@ -137,11 +137,9 @@ class RedisSubscription(Subscription):
         self._binder = binder
         self._client = binder.require_client()
         self._settings = binder.settings
-        self._streams = streams
-        self._partition_of = {
-            s: (p if spec.partition_count > 1 else 0)
-            for s, p in zip(streams, spec.partitions(), strict=False)
-        }
+        # Stream key -> the partition its deliveries report.
+        self._partition_of = dict(streams)
+        self._streams = list(streams)
         self._positions = positions or {}
         options = spec.options
         idle = getattr(options, "claim_idle_ms", None) or self._settings.claim_idle_ms
