@@ -19,6 +19,9 @@ from streamkit_redis.wire import (
 )
 
 from streamkit.binder import Record
+from streamkit.config import validate_settings
+from streamkit.errors import ConfigError
+from streamkit.runtime.bindings import binder_settings
 
 
 def round_trip(record: Record) -> tuple[bytes | None, dict[str, bytes], bytes | None]:
@@ -132,3 +135,32 @@ def test_declared_capabilities_follow_the_settings() -> None:
 
     assert binder.capabilities.max_message_bytes == 1024
     assert binder.capabilities.crash_recovery_seconds == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://u:pw-s3cret@127.0.0.1:notaport/0",
+        "redis://u:pw-s3cret@127.0.0.1:99999/0",
+        "redis://u:pw-s3cret@127.0.0.1:0/0",
+        "redis://u:pw-s3cret@127.0.0.1:6379/zero",
+        "redis://u:pw-s3cret@:6379/0",
+    ],
+)
+def test_a_bad_url_port_is_a_config_error_naming_the_key_not_a_crash_at_run(
+    url: str,
+) -> None:
+    settings = validate_settings({"binders": {"bus": {"type": "redis", "url": url}}})
+    with pytest.raises(ConfigError) as failure:
+        binder_settings(settings, "bus")
+
+    assert failure.value.key == "binders.bus.url"
+    assert "binders.bus.url" in str(failure.value)
+    assert "s3cret" not in str(failure.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1", "rediss://:pw@cache:6380/3", "unix:///tmp/r.sock"]
+)
+def test_good_urls_pass(url: str) -> None:
+    assert RedisSettings(url=url).url == url

@@ -80,13 +80,34 @@ class RedisSettings(BaseModel):
 
     @field_validator("url")
     @classmethod
-    def _check_scheme(cls, url: str) -> str:
-        scheme = urlsplit(url).scheme
+    def _check_url(cls, url: str) -> str:
+        # Checked here so that a bad URL is a ConfigError naming the key, not a
+        # ValueError from redis-py at start. Messages never quote the URL: it may
+        # carry a password.
+        parts = urlsplit(url)
+        scheme = parts.scheme
         if scheme not in ("redis", "rediss", "unix"):
             raise ValueError(
                 f"url must start with redis://, rediss:// (TLS) or unix://, not "
                 f"{scheme + '://' if scheme else 'no scheme'}"
             )
+        if scheme == "unix":
+            if not parts.path:
+                raise ValueError("a unix:// url needs the socket path")
+            return url
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(
+                "the port of url must be a number from 1 to 65535"
+            ) from None
+        if port == 0:
+            raise ValueError("the port of url must be a number from 1 to 65535")
+        if not parts.hostname:
+            raise ValueError("url has no host")
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError("the path of url must be a database number, e.g. /0")
         return url
 
     @field_serializer("url")
