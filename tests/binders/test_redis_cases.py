@@ -293,6 +293,19 @@ async def test_an_unreachable_server_is_reported_without_the_password() -> None:
     assert not (await binder.health()).ok
 
 
+async def test_the_connection_error_names_the_binder_setting_not_a_test_variable() -> (
+    None
+):
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    binder = RedisBinder(RedisSettings(url=url, connect_timeout=0.5), name="cache")
+
+    with pytest.raises(BrokerUnavailable) as failure:
+        await binder.start()
+
+    assert "binders.cache.url" in str(failure.value)
+    assert "STREAMKIT_REDIS_URL" not in str(failure.value)
+
+
 async def test_partitions_are_streams_named_after_the_destination(
     make_binder: MakeBinder, raw: Redis, stream: str
 ) -> None:

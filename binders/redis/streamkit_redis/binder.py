@@ -164,8 +164,8 @@ class RedisBinder(Binder):
             await client.aclose()
             raise BrokerUnavailable(
                 f"Cannot reach Redis at {self.url} ({type(exc).__name__}: {exc}). "
-                "Check the binder's url setting (STREAMKIT_REDIS_URL in the tests) "
-                "and that the server is running."
+                f"Check binders.{self.name or '<name>'}.url and that the server is "
+                "running."
             ) from exc
         version = str(info.get("redis_version", "0"))
         parsed = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
