@@ -330,4 +330,3 @@ def binder_class(type_name: str) -> type[Binder]:
         f"`pip install -e binders/{type_name}` in a streamkit clone, or "
         f"`pip install 'streamkit[{type_name}]'`."
     )
-

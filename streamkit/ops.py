@@ -113,7 +113,14 @@ class OpsServer:
         self._runner = web.AppRunner(self._app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.close()
+            raise ConfigError(
+                f"--http {self.host}:{self.port}: cannot listen there ({exc.strerror})",
+                key="http",
+            ) from None
         server = site._server
         if self.port == 0 and server is not None:  # an OS-chosen port (tests)
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
@@ -154,6 +161,10 @@ class OpsServer:
             raise web.HTTPNotFound(
                 text=f"no input binding {name!r} or action {action!r} "
                 f"(actions: {', '.join(_ACTIONS)})"
+            )
+        if action in ("pause", "resume") and pipeline.state == "stopped":
+            raise web.HTTPConflict(
+                text=f"binding {name!r} is stopped: POST .../start to attach it again"
             )
         if action == "pause":
             pipeline.pause()

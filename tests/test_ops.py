@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import aiohttp
+import pytest
 
-from streamkit import StreamApp
+from streamkit import ConfigError, StreamApp
 from streamkit.ops import OpsServer
 from streamkit.testing import Recorder, TestStream
 
@@ -62,3 +63,51 @@ async def test_health_metrics_and_pause_resume_over_http() -> None:
     assert resumed["state"] == "running"
     assert listing[0]["name"] == "count-in-0" and listing[0]["state"] == "running"
     assert missing.status == 404
+
+
+async def test_a_deliberately_stopped_binding_is_not_unhealthy_and_cannot_resume() -> (
+    None
+):
+    app = StreamApp()
+
+    @app.consumer
+    async def idle(n: int) -> None: ...
+
+    async with TestStream(app, {"bindings": {"idle-in-0": {"group": "g"}}}) as stream:
+        assert stream.runner is not None
+        server = OpsServer(stream.runner, "127.0.0.1", 0)
+        await server.start()
+        base = f"http://127.0.0.1:{server.port}"
+        try:
+            async with aiohttp.ClientSession() as http:
+                stopped = await http.post(f"{base}/bindings/idle-in-0/stop")
+                health = await http.get(f"{base}/health")
+                resume = await http.post(f"{base}/bindings/idle-in-0/resume")
+                started = await http.post(f"{base}/bindings/idle-in-0/start")
+                report = await health.json()
+                state = (await started.json())["state"]
+        finally:
+            await server.close()
+
+    assert stopped.status == 200
+    assert health.status == 200 and report["bindings"] == {"idle-in-0": "stopped"}
+    assert resume.status == 409
+    assert state == "running"
+
+
+async def test_http_port_in_use_is_a_clear_error() -> None:
+    app = StreamApp()
+
+    @app.consumer
+    async def idle(n: int) -> None: ...
+
+    async with TestStream(app) as stream:
+        assert stream.runner is not None
+        first = OpsServer(stream.runner, "127.0.0.1", 0)
+        await first.start()
+        try:
+            second = OpsServer(stream.runner, "127.0.0.1", first.port)
+            with pytest.raises(ConfigError, match="cannot listen there"):
+                await second.start()
+        finally:
+            await first.close()

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from streamkit import Message, StreamApp
+from streamkit import ConsumerSpec, Message, PublishTimeout, StreamApp
 from streamkit.testing import Recorder, TestStream
 
 FAST_RETRY = {"backoff_initial": 0.01, "backoff_max": 0.05}
@@ -568,3 +568,88 @@ async def test_shutdown_starts_no_new_call_of_a_queued_sync_run() -> None:
 
     assert first_run == [0]
     assert sorted(calls.items) == list(range(1, 10))
+
+
+async def test_without_ordering_a_slow_message_does_not_hold_up_idle_workers() -> None:
+    app = StreamApp()
+    done = Recorder()
+    release = asyncio.Event()
+
+    @app.consumer
+    async def work(n: int) -> None:
+        if n == 0:
+            await release.wait()
+        done.add(n)
+
+    settings = consumer_settings("work-in-0", concurrency=2, ordering="none")
+    async with TestStream(app, settings) as stream:
+        for n in range(6):
+            await stream.send("work-in-0", n)
+        await done.wait_count(5)
+        finished_while_blocked = sorted(done.items)
+        release.set()
+        await done.wait_count(6)
+
+    assert finished_while_blocked == [1, 2, 3, 4, 5]
+
+
+async def test_startup_hooks_finish_before_the_first_message_is_handled() -> None:
+    app = StreamApp()
+    ready = False
+    seen = Recorder()
+
+    @app.on_startup
+    async def prepare() -> None:
+        nonlocal ready
+        await app.bridge.send("handle-in-0", 1)  # a message waits before we are ready
+        await asyncio.sleep(0.05)  # a slow hook: the handler must wait for it
+        ready = True
+
+    @app.consumer
+    def handle(n: int) -> None:
+        seen.add(ready)
+
+    async with TestStream(app, {"bindings": {"handle-in-0": {"group": "g"}}}):
+        await seen.wait_count(1)
+
+    assert seen.items == [True]
+
+
+async def test_bridge_send_raises_when_the_broker_does_not_take_the_record() -> None:
+    app = StreamApp()
+
+    @app.consumer
+    async def idle(n: int) -> None: ...
+
+    memory = {"type": "memory", "buffer_size": 1, "publish_timeout": 0.2}
+    settings = {"binders": {"local": memory}}
+    async with TestStream(app, settings, use_configured_binders=True) as stream:
+        assert stream.runner is not None
+        binder = stream.runner.binders["local"]
+        lazy = await binder.subscribe(ConsumerSpec("full", group="never-reads"))
+        await app.bridge.send("full", 1)  # takes the partition's only slot
+
+        with pytest.raises(PublishTimeout):
+            await app.bridge.send("full", 2)
+        await lazy.close()
+
+
+async def test_a_source_that_dies_makes_the_app_unhealthy() -> None:
+    app = StreamApp()
+
+    @app.producer
+    async def source() -> AsyncIterator[int]:
+        yield 1
+        raise RuntimeError("the feed went away")
+
+    async with TestStream(app) as stream:
+        await stream.receive("source-out-0")
+        assert stream.runner is not None
+        for _ in range(100):  # the task ends right after the first yield is sent
+            if stream.runner.describe_bindings()[0]["state"] == "failed":
+                break
+            await asyncio.sleep(0.01)
+        report = await stream.runner.health()
+
+    assert report["status"] == "down"
+    assert report["bindings"] == {"source-out-0": "down"}

@@ -133,9 +133,10 @@ class OutputPort:
             )
         return records
 
-    async def publish(self, records: list[Record]) -> None:
+    async def publish(self, records: list[Record], *, retry: bool = True) -> None:
         """Publish, retrying transient broker errors with backoff until it works or
-        the app stops (:class:`Stopping`). Permanent errors are raised."""
+        the app stops (:class:`Stopping`). Permanent errors, and every error when
+        ``retry`` is false, are raised."""
         if not self._provisioned:
             await self.binder.provision_producer(self.spec)
             self._provisioned = True
@@ -146,6 +147,8 @@ class OutputPort:
             except _PERMANENT:
                 raise
             except (PublishError, BinderError) as exc:
+                if not retry:
+                    raise
                 delay = _RECONNECT_BACKOFF[min(attempt, len(_RECONNECT_BACKOFF) - 1)]
                 logger.warning(
                     "publish to %s failed (%s); retrying in %.1fs",
@@ -201,6 +204,7 @@ class InputPipeline:
         self._unpaused = asyncio.Event()
         self._unpaused.set()
         self._lanes: list[asyncio.Queue[Delivery | None]] = []
+        self._worker_lanes: list[asyncio.Queue[Delivery | None]] = []
         self._round_robin = itertools.cycle(range(consumer.concurrency))
         self._workers: list[asyncio.Task[None]] = []
         self._fetcher: asyncio.Task[None] | None = None
@@ -220,16 +224,27 @@ class InputPipeline:
         if self.state != "stopped":
             return
         self._stop = asyncio.Event()
-        self._lanes = [
-            asyncio.Queue(maxsize=self.spec.prefetch)
-            for _ in range(self.consumer.concurrency)
-        ]
+        workers = self.consumer.concurrency
+        if self.consumer.ordering == "none" and workers > 1:
+            # No order to keep: every worker takes the next message from one queue,
+            # one at a time, so a slow message never holds up an idle worker.
+            size = max(self.spec.prefetch, workers)  # room for the end marks
+            shared: asyncio.Queue[Delivery | None] = asyncio.Queue(size)
+            self._lanes = [shared]
+            self._worker_lanes = [shared] * workers
+            take = 1
+        else:
+            self._lanes = [asyncio.Queue(self.spec.prefetch) for _ in range(workers)]
+            self._worker_lanes = list(self._lanes)
+            take = self.spec.batch_size
         self.subscription = await self.binder.subscribe(self.spec)
         self.healthy = True
         self.state = "running"
         self._workers = [
-            asyncio.create_task(self._work(lane), name=f"{self.binding.name}-lane-{i}")
-            for i, lane in enumerate(self._lanes)
+            asyncio.create_task(
+                self._work(lane, take), name=f"{self.binding.name}-worker-{i}"
+            )
+            for i, lane in enumerate(self._worker_lanes)
         ]
         self._fetcher = asyncio.create_task(self._fetch(), name=f"{self.binding.name}")
         logger.info(
@@ -257,7 +272,8 @@ class InputPipeline:
                 delivery = lane.get_nowait()
                 if delivery is not None:
                     await self._release(delivery)
-            lane.put_nowait(None)
+        for lane in self._worker_lanes:
+            lane.put_nowait(None)  # one end mark per worker
         if self._workers:
             _, pending = await asyncio.wait(self._workers, timeout=timeout)
             for task in pending:
@@ -348,11 +364,10 @@ class InputPipeline:
 
     # -- handle ----------------------------------------------------------------
 
-    async def _work(self, lane: asyncio.Queue[Delivery | None]) -> None:
+    async def _work(self, lane: asyncio.Queue[Delivery | None], limit: int) -> None:
         # A lane takes whatever is queued (up to batch_size) in one go: a sync handler
         # then runs the whole run in one worker-thread hop, and the outputs go to the
         # broker in one publish. Order within the lane is kept throughout.
-        limit = self.spec.batch_size
         while True:
             batch = [await lane.get()]
             while len(batch) < limit and not lane.empty():

@@ -52,6 +52,7 @@ class _Producer:
         self._stop = stop
         self._publishing = False
         self.task: asyncio.Task[None] | None = None
+        self.state = "running"  # "finished" (a source returned) or "failed"
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"{self.fn.name}-producer")
@@ -79,6 +80,7 @@ class _Producer:
         except Stopping:
             return
         except Exception:
+            self.state = "failed"
             logger.exception("producer %s stopped with an error", self.fn.name)
 
     async def _poll(self) -> None:
@@ -102,6 +104,7 @@ class _Producer:
             await self._emit(results)
             if self._stop.is_set():
                 return
+        self.state = "finished"
         logger.info("source %s finished", self.fn.name)
 
     async def stop(self, timeout: float) -> None:
@@ -156,19 +159,28 @@ class AppRunner:
 
             self._tracing = Tracing(system="streamkit")
         try:
+            for binding in self.bindings:
+                await self._binder(binding.binder)
+            # Startup hooks run once the brokers answer and before any message is
+            # taken, so a handler can rely on what a hook prepared; the bridge works.
+            self.app.runner = self
+            for hook in self.app._on_startup:
+                await _call_hook(hook)
             await self._start(functions)
         except BaseException:
-            await self._close_binders()
+            await self._stop_started()
             raise
-        self.app.runner = self
-        for hook in self.app._on_startup:
-            await _call_hook(hook)
         logger.info("app %s started: %d binding(s)", self.app.name, len(self.bindings))
+
+    async def _stop_started(self) -> None:
+        for pipeline in self.inputs.values():
+            await pipeline.stop(0)
+        await self._close_binders()
+        if self.app.runner is self:
+            self.app.runner = None
 
     async def _start(self, functions: list[BoundFunction]) -> None:
         by_name = {(b.function, b.direction): b for b in self.bindings}
-        for binding in self.bindings:
-            await self._binder(binding.binder)
         for fn in functions:
             port = None
             if fn.has_output:
@@ -260,19 +272,8 @@ class AppRunner:
         ``services`` (e.g. the ops HTTP endpoint) start after the bindings and close
         before them.
         """
-        await self.start()
-        started: list[Service] = []
-        try:
-            for service in services:
-                await service.start()
-                started.append(service)
-            await self._wait_for_stop()
-        finally:
-            for service in reversed(started):
-                await service.close()
-            await self.stop()
-
-    async def _wait_for_stop(self) -> None:
+        # Signals are handled from the start: a SIGTERM while a slow broker is still
+        # joining stops the app cleanly once startup is done, instead of killing it.
         loop = asyncio.get_running_loop()
         installed = []
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -280,10 +281,23 @@ class AppRunner:
                 loop.add_signal_handler(sig, self.request_stop)
                 installed.append(sig)
         try:
-            await self._stop.wait()
+            await self._run(services)
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
+
+    async def _run(self, services: Sequence[Service]) -> None:
+        await self.start()
+        started: list[Service] = []
+        try:
+            for service in services:
+                await service.start()
+                started.append(service)
+            await self._stop.wait()
+        finally:
+            for service in reversed(started):
+                await service.close()
+            await self.stop()
 
     # -- bridge and health -----------------------------------------------------
 
@@ -308,13 +322,17 @@ class AppRunner:
                 self._tracing,
             )
             self._bridge_ports[(name, destination, ct)] = port
-        await port.publish(port.encode([message]))
+        # The caller is waiting: a broker that does not take the record within the
+        # binder's delivery timeout raises (PublishTimeout), it is not retried here.
+        await port.publish(port.encode([message]), retry=False)
 
     def describe_bindings(self) -> list[dict[str, Any]]:
         """Every binding: where it points and, for inputs, its state."""
+        producers = {f"{p.fn.name}-out-0": p.state for p in self._producers}
         rows = []
         for b in self.bindings:
             pipeline = self.inputs.get(b.name)
+            state = pipeline.state if pipeline else producers.get(b.name, "running")
             rows.append(
                 {
                     "name": b.name,
@@ -322,24 +340,37 @@ class AppRunner:
                     "destination": b.destination,
                     "group": b.group,
                     "binder": b.binder,
-                    "state": pipeline.state if pipeline else "running",
+                    "state": state,
                 }
             )
         return rows
 
     async def health(self) -> dict[str, Any]:
-        """Health of every binder and binding; ``status`` is ``up`` only if all are."""
+        """Health of every binder and binding; ``status`` is ``up`` only if all are.
+
+        A binding paused or stopped on purpose (ops endpoint) is reported as such and
+        does not make the app unhealthy; a producer that died with an error does.
+        """
         binders: dict[str, Health] = {}
         for name, binder in self.binders.items():
             try:
                 binders[name] = await asyncio.wait_for(binder.health(), 5)
             except Exception as exc:
                 binders[name] = Health(HealthStatus.DOWN, f"health check failed: {exc}")
-        bindings = {
-            name: "up" if p.healthy else "down" for name, p in self.inputs.items()
-        }
+        bindings: dict[str, str] = {}
+        for name, pipeline in self.inputs.items():
+            if pipeline.state in ("paused", "stopped"):
+                bindings[name] = pipeline.state
+            else:
+                bindings[name] = "up" if pipeline.healthy else "down"
+        for producer in self._producers:
+            bindings[f"{producer.fn.name}-out-0"] = {
+                "running": "up",
+                "finished": "finished",
+                "failed": "down",
+            }[producer.state]
         up = all(h.status is not HealthStatus.DOWN for h in binders.values()) and all(
-            v == "up" for v in bindings.values()
+            v != "down" for v in bindings.values()
         )
         return {
             "status": "up" if up else "down",
