@@ -199,12 +199,17 @@ def show_config(
     """Print the effective configuration, secrets redacted."""
     try:
         settings = _settings(config, overrides, binder)
-        for name in settings.binders:
-            binder_settings(settings, name)
+        data: dict[str, Any] = settings.model_dump(mode="json")
+        for name, binder_config in settings.binders.items():
+            _, validated = binder_settings(settings, name)
+            # Every binder setting with its default, not only the keys given.
+            data["binders"][name] = {
+                "type": binder_config.type,
+                **validated.model_dump(mode="json"),
+            }
     except StreamkitError as exc:
         _fail(exc)
-    data: dict[str, Any] = redact(settings.model_dump(mode="json"))
-    click.echo(yaml.safe_dump(data, sort_keys=False), nl=False)
+    click.echo(yaml.safe_dump(redact(data), sort_keys=False), nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover
