@@ -498,3 +498,31 @@ async def test_partitioned_output_to_a_topic_with_fewer_partitions_never_jams(
     assert len(folded) == 1  # one warning per topic, naming both counts
     assert dest in folded[0]
     assert "1 partition(s), 3 were asked for" in folded[0]
+
+
+async def test_health_answers_within_two_seconds_when_the_broker_hangs(
+    kafka: Kafka, tmp_path: Path
+) -> None:
+    if not kafka.tansu:
+        pytest.skip("freezes a broker of its own: needs Tansu")
+    broker = TansuBroker(log_dir=tmp_path)
+    broker.start()
+    binder = KafkaBinder(kafka.settings(bootstrap_servers=broker.bootstrap))
+    try:
+        await binder.start()
+        assert (await binder.health()).ok
+        broker.pause()
+
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        health = await asyncio.wait_for(binder.health(), 10)
+        took = loop.time() - began
+        broker.resume()
+        recovered = await binder.health()
+    finally:
+        broker.stop()
+        await asyncio.wait_for(binder.close(), 20)
+
+    assert not health.ok
+    assert took < 2.5
+    assert recovered.ok  # the abandoned probe leaves the admin client usable

@@ -57,7 +57,8 @@ logger = logging.getLogger(__name__)
 
 # Kafka error codes of a CreateTopics reply that this module acts on.
 _TOPIC_ALREADY_EXISTS = kafka_errors.TopicAlreadyExistsError.errno
-_HEALTH_TIMEOUT = 5.0
+# A health probe answers within this even when the broker hangs (as Redis's ping).
+_HEALTH_TIMEOUT = 1.5
 
 
 class KafkaBinder(Binder):

@@ -130,7 +130,18 @@ class TansuBroker:
             f"see {self.log_path}"
         )
 
+    def pause(self) -> None:
+        """Freeze the broker (SIGSTOP): connections stay open, nothing answers."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused broker go on (SIGCONT)."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
+        self.resume()  # a frozen process would not act on SIGTERM
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
