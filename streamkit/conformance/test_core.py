@@ -475,27 +475,16 @@ async def test_health_answers_promptly(profile: ActiveProfile, binder: Binder) -
 
 
 @pytest.mark.capability("consumer_groups")
+@pytest.mark.parametrize("grouped", [True, False], ids=["group", "anonymous"])
 async def test_a_record_published_right_after_subscribe_is_received(
-    profile: ActiveProfile, binder: Binder, names: Names
+    profile: ActiveProfile, binder: Binder, names: Names, grouped: bool
 ) -> None:
+    if not grouped:
+        profile.require("broadcast")
     for round_ in range(profile.sized(3, 20)):
         dest = names.destination()
-        sub = await binder.subscribe(profile.consumer_spec(dest, group=names.group()))
-        await binder.publish(profile.producer_spec(dest), numbered(1, start=round_))
-
-        got = await collect(sub, 1, profile.timeout())
-
-        assert ids(got) == {round_}
-        await sub.close()
-
-
-@pytest.mark.capability("broadcast")
-async def test_an_anonymous_subscriber_is_ready_on_return(
-    profile: ActiveProfile, binder: Binder, names: Names
-) -> None:
-    for round_ in range(profile.sized(3, 20)):
-        dest = names.destination()
-        sub = await binder.subscribe(profile.consumer_spec(dest))
+        group = names.group() if grouped else None
+        sub = await binder.subscribe(profile.consumer_spec(dest, group=group))
         await binder.publish(profile.producer_spec(dest), numbered(1, start=round_))
 
         got = await collect(sub, 1, profile.timeout())
