@@ -653,3 +653,29 @@ async def test_a_source_that_dies_makes_the_app_unhealthy() -> None:
 
     assert report["status"] == "down"
     assert report["bindings"] == {"source-out-0": "down"}
+
+
+async def test_a_retry_after_a_restart_still_waits_its_backoff() -> None:
+    app = StreamApp()
+    loop = asyncio.get_running_loop()
+    calls = Recorder()
+
+    @app.consumer
+    def fails_once(n: int) -> None:
+        calls.add(loop.time())
+        if len(calls.items) == 1:
+            raise RuntimeError("first attempt fails")
+
+    waiting = {
+        **consumer_settings("fails_once-in-0", backoff_initial=0.3, backoff_max=1),
+        "shutdown_timeout": 0.2,
+    }
+    first = TestStream(app, waiting)
+    async with first:
+        await first.send("fails_once-in-0", 1)
+        await calls.wait_count(1)
+    restarted_at = loop.time()
+    async with TestStream(app, waiting, broker=first.broker):
+        await calls.wait_count(2)
+
+    assert calls.items[1] - restarted_at >= 0.3

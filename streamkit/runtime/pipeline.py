@@ -465,15 +465,24 @@ class InputPipeline:
             pending.remove(delivery)
         ready = [item for item in ready if await self._within_limit(item[0], pending)]
         while ready:
-            values = [value for _, value in ready]
+            if ready[0][0].attempt > 1:
+                # A message that failed in an earlier process waits out its backoff
+                # again, so a crash loop does not turn the retries into a tight loop.
+                await wait_or_stop(self._stop, self._backoff(ready[0][0].attempt - 1))
+            end = next(
+                (i for i in range(1, len(ready)) if ready[i][0].attempt > 1), len(ready)
+            )
+            run = ready[:end]
+            values = [value for _, value in run]
             results, failure = await call_each(self.fn, values, self._stop.is_set)
             done = len(results)
-            await self._complete(ready[:done], results, pending)
+            await self._complete(run[:done], results, pending)
             if failure is None:
-                if done < len(ready):
+                if done < len(run):
                     raise Stopping  # the rest never started: give it back
-                return
-            delivery, value = ready[done]
+                ready = ready[end:]
+                continue
+            delivery, value = run[done]
             await self._retry(delivery, value, failure, pending)
             ready = ready[done + 1 :]
 
