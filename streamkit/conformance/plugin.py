@@ -42,7 +42,7 @@ import pytest_asyncio
 from ..binder import Binder, Capabilities, ConsumerSpec, ProducerSpec, binder_class
 from ..errors import BrokerUnavailable
 from . import BinderProfile, discover_profiles, suite_size
-from .helpers import Names
+from .helpers import Names, broker_unreachable
 
 __all__ = ["ActiveProfile"]
 
@@ -201,12 +201,6 @@ def _unreachable(profile: BinderProfile, reason: str) -> str:
     )
 
 
-def _give_up(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
-
-
 def _setup_settings(state: _State, profile: BinderProfile) -> Mapping[str, Any]:
     """Enter the profile's session setup once; its failure makes it unreachable."""
     if (
@@ -222,7 +216,7 @@ def _setup_settings(state: _State, profile: BinderProfile) -> Mapping[str, Any]:
         else:
             state.setup_settings[profile.name] = dict(got or {})
     if profile.name in state.unreachable:
-        _give_up(state.unreachable[profile.name])
+        broker_unreachable(state.unreachable[profile.name])
     return state.setup_settings[profile.name]
 
 
@@ -238,7 +232,7 @@ async def _check_reachable(state: _State, active: ActiveProfile) -> None:
                 profile, f"{type(exc).__name__}: {exc}"
             )
     if profile.name in state.unreachable:
-        _give_up(state.unreachable[profile.name])
+        broker_unreachable(state.unreachable[profile.name])
 
 
 async def _probe(active: ActiveProfile) -> None:

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
 import sys
 from collections import Counter
@@ -32,7 +31,14 @@ from streamkit_kafka.testing import kafka_bootstrap as start_kafka
 
 from streamkit import StreamApp
 from streamkit.binder import ConsumerSpec, Delivery, ProducerSpec, Record, Subscription
-from streamkit.conformance.helpers import Names, collect, collect_ids, id_of, numbered
+from streamkit.conformance.helpers import (
+    Names,
+    broker_unreachable,
+    collect,
+    collect_ids,
+    id_of,
+    numbered,
+)
 from streamkit.errors import BrokerUnavailable, PublishError
 from streamkit.testing import Recorder, TestStream
 
@@ -58,19 +64,13 @@ class Kafka:
         return KafkaSettings(**values)
 
 
-def _give_up(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def kafka() -> Iterator[Kafka]:
     with contextlib.ExitStack() as stack:
         try:
             bootstrap, tansu = stack.enter_context(start_kafka())
         except (TansuNotFound, RuntimeError) as exc:
-            _give_up(f"no Kafka to test against: {exc}")
+            broker_unreachable(f"no Kafka to test against: {exc}")
         yield Kafka(bootstrap, tansu)
 
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import pytest_asyncio
 from pydantic import ValidationError
-from yarl import URL
 
 from streamkit.binder import ConsumerSpec, Delivery, ProducerSpec, Record, Subscription
 from streamkit.errors import (
@@ -70,28 +68,8 @@ def producer(destination: str, **options: Any) -> ProducerSpec:
     )
 
 
-def broker_reachable() -> str | None:
-    url = URL(RABBIT_URL)
-    try:
-        with socket.create_connection((url.host or "", url.port or 5672), 2):
-            return None
-    except OSError as exc:
-        return f"RabbitMQ at {url.with_password('***')} unreachable ({exc})"
-
-
-@pytest.fixture
-def needs_broker() -> None:
-    reason = broker_reachable()
-    if reason is None:
-        return
-    reason += f"; set {URL_ENV} to a running broker"
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
-
-
 @pytest_asyncio.fixture
-async def binder(needs_broker: None) -> AsyncIterator[RabbitBinder]:
+async def binder(needs_rabbit: None) -> AsyncIterator[RabbitBinder]:
     made = RabbitBinder(RabbitSettings(url=RABBIT_URL, delivery_timeout=10))
     await made.start()
     yield made
@@ -99,7 +77,7 @@ async def binder(needs_broker: None) -> AsyncIterator[RabbitBinder]:
 
 
 @pytest_asyncio.fixture
-async def raw(needs_broker: None) -> AsyncIterator[Any]:
+async def raw(needs_rabbit: None) -> AsyncIterator[Any]:
     """A plain aio-pika channel, for what another client would do."""
     connection = await aio_pika.connect(RABBIT_URL)
     yield await connection.channel()
@@ -300,7 +278,7 @@ async def test_c10_headers_beyond_frame_max_raise_and_keep_the_connection(
 
 
 async def test_a_body_over_max_message_bytes_is_refused_before_sending(
-    needs_broker: None,
+    needs_rabbit: None,
 ) -> None:
     binder = RabbitBinder(RabbitSettings(url=RABBIT_URL, max_message_bytes=1000))
     await binder.start()

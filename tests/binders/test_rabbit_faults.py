@@ -72,27 +72,6 @@ def numbered(start: int, count: int) -> list[Record]:
     ]
 
 
-def broker_reachable() -> str | None:
-    try:
-        with socket.create_connection(
-            (RABBIT_URL.host or "", RABBIT_URL.port or 5672), 2
-        ):
-            return None
-    except OSError as exc:
-        return f"RabbitMQ at {RABBIT_URL.with_password('***')} unreachable ({exc})"
-
-
-@pytest.fixture
-def needs_broker() -> None:
-    reason = broker_reachable()
-    if reason is None:
-        return
-    reason += f"; set {URL_ENV} to a running broker"
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
-
-
 async def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> None:
     """Poll ``condition`` (sync or async) until true; fail with ``what`` after."""
     loop = asyncio.get_running_loop()
@@ -202,7 +181,7 @@ class Proxy:
 
 
 @pytest_asyncio.fixture
-async def proxy(needs_broker: None) -> AsyncIterator[Proxy]:
+async def proxy(needs_rabbit: None) -> AsyncIterator[Proxy]:
     made = Proxy(RABBIT_URL)
     await made.start()
     yield made
@@ -311,7 +290,7 @@ async def take_values(sub: RabbitSubscription, count: int) -> set[bytes]:
 
 
 async def test_c13_a_channel_closed_by_the_broker_is_replaced_with_its_prefetch(
-    needs_broker: None,
+    needs_rabbit: None,
 ) -> None:
     binder = RabbitBinder(RabbitSettings(url=str(RABBIT_URL), **FAST))
     await binder.start()
@@ -352,7 +331,7 @@ async def held_after_reattach(sub: RabbitSubscription, count: int) -> list[Deliv
 
 
 async def test_c13_a_consumer_that_cannot_come_back_fails_loudly(
-    needs_broker: None,
+    needs_rabbit: None,
 ) -> None:
     binder = RabbitBinder(RabbitSettings(url=str(RABBIT_URL), **FAST))
     await binder.start()
@@ -379,7 +358,7 @@ async def test_c13_a_consumer_that_cannot_come_back_fails_loudly(
 
 
 async def test_c13_a_queue_deleted_under_a_consumer_is_declared_again(
-    needs_broker: None,
+    needs_rabbit: None,
 ) -> None:
     binder = RabbitBinder(RabbitSettings(url=str(RABBIT_URL), **FAST))
     await binder.start()
@@ -412,7 +391,7 @@ def rabbitmqctl(*args: str) -> None:
 
 
 @pytest.fixture
-def restartable_broker(needs_broker: None) -> Iterator[None]:
+def restartable_broker(needs_rabbit: None) -> Iterator[None]:
     if shutil.which("rabbitmqctl") is None or RABBIT_URL.host not in (
         "127.0.0.1",
         "localhost",

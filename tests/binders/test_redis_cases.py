@@ -36,30 +36,14 @@ MakeBinder = Callable[..., Awaitable[RedisBinder]]
 
 
 @pytest_asyncio.fixture
-async def raw() -> AsyncIterator[Redis]:
-    """A plain client, to arrange and inspect what the binder does."""
-    client = Redis.from_url(URL, socket_timeout=5)
-    try:
-        await client.ping()
-    except Exception as exc:
-        await client.aclose()
-        reason = f"Redis at {URL} not reachable ({exc}); set STREAMKIT_REDIS_URL"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    yield client
-    await client.aclose()
-
-
-@pytest_asyncio.fixture
-async def stream(raw: Redis) -> AsyncIterator[str]:
+async def stream(redis_client: Redis) -> AsyncIterator[str]:
     name = f"skr-{secrets.token_hex(4)}"
     yield name
-    await raw.delete(name)
+    await redis_client.delete(name)
 
 
 @pytest_asyncio.fixture
-async def make_binder(raw: Redis) -> AsyncIterator[MakeBinder]:
+async def make_binder(redis_client: Redis) -> AsyncIterator[MakeBinder]:
     made: list[RedisBinder] = []
 
     async def make(**settings: Any) -> RedisBinder:
@@ -73,13 +57,13 @@ async def make_binder(raw: Redis) -> AsyncIterator[MakeBinder]:
         await asyncio.wait_for(binder.close(), WAIT)
 
 
-async def pending_count(raw: Redis, stream: str, group: str) -> int:
-    summary = await raw.xpending(stream, group)
+async def pending_count(redis_client: Redis, stream: str, group: str) -> int:
+    summary = await redis_client.xpending(stream, group)
     return int(summary["pending"])
 
 
-async def consumers(raw: Redis, stream: str, group: str) -> dict[str, int]:
-    rows = await raw.xinfo_consumers(stream, group)
+async def consumers(redis_client: Redis, stream: str, group: str) -> dict[str, int]:
+    rows = await redis_client.xinfo_consumers(stream, group)
     return {row["name"].decode(): int(row["pending"]) for row in rows}
 
 
@@ -114,7 +98,7 @@ async def test_a_block_longer_than_the_socket_timeout_is_an_empty_read(
 
 
 async def test_cancelled_reads_lose_nothing_and_leave_no_connection_out_of_step(
-    make_binder: MakeBinder, raw: Redis, stream: str
+    make_binder: MakeBinder, redis_client: Redis, stream: str
 ) -> None:
     # Claims come far too late to help: whatever a cancelled read got must come
     # back from this consumer's own pending list.
@@ -138,21 +122,21 @@ async def test_cancelled_reads_lose_nothing_and_leave_no_connection_out_of_step(
     await sub.close()  # flushes the acks
     # Each payload matches its id: no reply was read for the wrong command.
     assert all(d.value == f"payload-{id_of(d)}".encode() for d in got)
-    assert await pending_count(raw, stream, "g") == 0
+    assert await pending_count(redis_client, stream, "g") == 0
 
 
 # -- C16 -------------------------------------------------------------------------------
 
 
 async def test_a_dead_consumers_pending_list_is_claimed_to_the_end(
-    make_binder: MakeBinder, raw: Redis, stream: str
+    make_binder: MakeBinder, redis_client: Redis, stream: str
 ) -> None:
     binder = await make_binder(claim_idle_ms=100)
-    await raw.xgroup_create(stream, "g", "0", mkstream=True)
+    await redis_client.xgroup_create(stream, "g", "0", mkstream=True)
     await binder.publish(ProducerSpec(stream), numbered(300))
-    held = await raw.xreadgroup("g", "dead", {stream: ">"}, count=300)
+    held = await redis_client.xreadgroup("g", "dead", {stream: ">"}, count=300)
     ids = [entry_id for entry_id, _ in held[0][1]]
-    await raw.xdel(stream, *ids[::60])  # deleted while pending
+    await redis_client.xdel(stream, *ids[::60])  # deleted while pending
 
     # COUNT follows the room of a small prefetch, so the claim takes many pages.
     sub = await binder.subscribe(
@@ -166,15 +150,15 @@ async def test_a_dead_consumers_pending_list_is_claimed_to_the_end(
     assert set(counts.values()) == {1}
     assert {d.attempt for d in got} == {1}  # a crash is not a failed attempt
     await sub.close()
-    assert await pending_count(raw, stream, "g") == 0
-    assert (await consumers(raw, stream, "g"))["dead"] == 0
+    assert await pending_count(redis_client, stream, "g") == 0
+    assert (await consumers(redis_client, stream, "g"))["dead"] == 0
 
 
 # -- C17 -------------------------------------------------------------------------------
 
 
 async def test_a_consumer_leaves_the_group_only_when_it_holds_nothing(
-    make_binder: MakeBinder, raw: Redis, stream: str
+    make_binder: MakeBinder, redis_client: Redis, stream: str
 ) -> None:
     name = f"c17-{secrets.token_hex(3)}"
     binder = await make_binder(consumer_name=name)
@@ -184,21 +168,21 @@ async def test_a_consumer_leaves_the_group_only_when_it_holds_nothing(
     held = await collect(first, 3, WAIT, ack=False)
     await held[0].ack()
     await first.close()
-    after_first = await consumers(raw, stream, "g")
+    after_first = await consumers(redis_client, stream, "g")
     again = await binder.subscribe(ConsumerSpec(stream, group="g"))
     rest = await collect(again, 2, WAIT)
     await again.close()
 
     assert after_first == {name: 2}
     assert {id_of(d) for d in rest} == {id_of(d) for d in held[1:]}
-    assert await consumers(raw, stream, "g") == {}
+    assert await consumers(redis_client, stream, "g") == {}
 
 
 # -- leases, attempts ------------------------------------------------------------------
 
 
 async def test_a_long_handler_keeps_its_entry_from_other_members(
-    make_binder: MakeBinder, raw: Redis, stream: str
+    make_binder: MakeBinder, redis_client: Redis, stream: str
 ) -> None:
     binder = await make_binder(claim_idle_ms=300)
     holder = await binder.subscribe(ConsumerSpec(stream, group="g"))
@@ -215,7 +199,7 @@ async def test_a_long_handler_keeps_its_entry_from_other_members(
 
     assert [id_of(d) for d in held] == [0]
     assert stolen == [] and late == []
-    assert await pending_count(raw, stream, "g") == 0
+    assert await pending_count(redis_client, stream, "g") == 0
 
 
 async def test_recorded_failures_raise_the_attempt_and_give_backs_do_not(
@@ -241,7 +225,7 @@ async def test_recorded_failures_raise_the_attempt_and_give_backs_do_not(
 
 async def test_a_deleted_stream_and_group_are_created_again(
     make_binder: MakeBinder,
-    raw: Redis,
+    redis_client: Redis,
     stream: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -252,7 +236,7 @@ async def test_a_deleted_stream_and_group_are_created_again(
     reading = asyncio.create_task(sub.next_batch())
     await asyncio.sleep(0.1)  # let the read block on the stream
 
-    await raw.delete(stream)  # what FLUSHALL or a restart without data does
+    await redis_client.delete(stream)  # what FLUSHALL or a restart without data does
     await binder.publish(ProducerSpec(stream), numbered(5, start=1))
     got = await ack_all(await asyncio.wait_for(reading, WAIT))
     got += await collect_ids(sub, set(range(1, 6)) - {id_of(d) for d in got}, WAIT)
@@ -265,7 +249,7 @@ async def test_a_deleted_stream_and_group_are_created_again(
 
 async def test_trimming_caps_the_stream_and_warns(
     make_binder: MakeBinder,
-    raw: Redis,
+    redis_client: Redis,
     stream: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -276,7 +260,7 @@ async def test_trimming_caps_the_stream_and_warns(
         await binder.publish(spec, numbered(100, start=start))
 
     # Approximate trimming drops whole radix-tree nodes (100 entries by default).
-    assert await raw.xlen(stream) <= 10 + 200
+    assert await redis_client.xlen(stream) <= 10 + 200
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "drops entries" in warnings[0].getMessage()
 
@@ -307,7 +291,7 @@ async def test_the_connection_error_names_the_binder_setting_not_a_test_variable
 
 
 async def test_partitions_are_streams_named_after_the_destination(
-    make_binder: MakeBinder, raw: Redis, stream: str
+    make_binder: MakeBinder, redis_client: Redis, stream: str
 ) -> None:
     binder = await make_binder()
     spec = ProducerSpec(stream, partition_count=3)
@@ -319,15 +303,15 @@ async def test_partitions_are_streams_named_after_the_destination(
         )
     )
     got = await collect(sub, 2, WAIT)
-    lengths = [await raw.xlen(f"{stream}-{p}") for p in range(3)]
-    await raw.delete(*(f"{stream}-{p}" for p in range(3)))
+    lengths = [await redis_client.xlen(f"{stream}-{p}") for p in range(3)]
+    await redis_client.delete(*(f"{stream}-{p}" for p in range(3)))
 
     assert lengths == [1, 1, 1]
     assert sorted((d.partition, id_of(d)) for d in got) == [(0, 0), (2, 2)]
 
 
 async def test_a_restarted_consumer_pages_through_its_own_pending_list(
-    make_binder: MakeBinder, raw: Redis, stream: str
+    make_binder: MakeBinder, redis_client: Redis, stream: str
 ) -> None:
     binder = await make_binder(consumer_name=f"pager-{secrets.token_hex(3)}")
     await binder.publish(ProducerSpec(stream), numbered(50))
@@ -343,11 +327,11 @@ async def test_a_restarted_consumer_pages_through_its_own_pending_list(
 
     counts = Counter(id_of(d) for d in got)
     assert set(counts) == set(range(50)) and set(counts.values()) == {1}
-    assert await pending_count(raw, stream, "g") == 0
+    assert await pending_count(redis_client, stream, "g") == 0
 
 
 async def test_an_unpartitioned_consumer_reads_every_partition_of_the_producer(
-    make_binder: MakeBinder, raw: Redis, stream: str
+    make_binder: MakeBinder, redis_client: Redis, stream: str
 ) -> None:
     binder = await make_binder()
     producer = ProducerSpec(stream, partition_count=3)
@@ -360,10 +344,10 @@ async def test_an_unpartitioned_consumer_reads_every_partition_of_the_producer(
 
         grouped = await collect_ids(group_sub, range(7), WAIT)
         broadcast = await collect_ids(anonymous, range(7), WAIT)
-        noted = await raw.hget("streamkit:partitions", stream)
+        noted = await redis_client.hget("streamkit:partitions", stream)
     finally:
-        await raw.hdel("streamkit:partitions", stream)
-        await raw.delete(*(f"{stream}-{p}" for p in range(3)))
+        await redis_client.hdel("streamkit:partitions", stream)
+        await redis_client.delete(*(f"{stream}-{p}" for p in range(3)))
 
     assert noted == b"3"
     assert sorted({id_of(d) for d in grouped}) == list(range(7))

@@ -13,10 +13,9 @@ import secrets
 import signal
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
-import pytest_asyncio
 
 pytest.importorskip("streamkit_redis")
 
@@ -25,7 +24,12 @@ from streamkit_redis import RedisBinder, RedisSettings
 from streamkit_redis.testing import RedisServer
 
 from streamkit.binder import ConsumerSpec, Delivery, ProducerSpec
-from streamkit.conformance.helpers import collect_ids, id_of, numbered
+from streamkit.conformance.helpers import (
+    broker_unreachable,
+    collect_ids,
+    id_of,
+    numbered,
+)
 from streamkit.errors import PublishTimeout
 
 pytestmark = pytest.mark.slow
@@ -38,9 +42,7 @@ def _server(persistent: bool) -> Iterator[RedisServer]:
     try:
         server = RedisServer(persistent=persistent)
     except FileNotFoundError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
+        broker_unreachable(str(exc))
     with server:
         yield server
 
@@ -189,23 +191,8 @@ asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 """
 
 
-@pytest_asyncio.fixture
-async def shared() -> AsyncIterator[Redis]:
-    client = Redis.from_url(URL, socket_timeout=5)
-    try:
-        await client.ping()
-    except Exception as exc:
-        await client.aclose()
-        reason = f"Redis at {URL} not reachable ({exc}); set STREAMKIT_REDIS_URL"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    yield client
-    await client.aclose()
-
-
 async def test_a_killed_consumers_entries_are_claimed_by_a_live_one(
-    shared: Redis,
+    redis_client: Redis,
 ) -> None:
     stream = f"skr-kill-{secrets.token_hex(4)}"
     total, hold = 100, 40
@@ -228,12 +215,13 @@ async def test_a_killed_consumers_entries_are_claimed_by_a_live_one(
     survivor = await binder.subscribe(ConsumerSpec(stream, group="g"))
     got: list[Delivery] = await collect_ids(survivor, range(total), WAIT)
     await survivor.close()  # flushes the acks
-    pending_after = (await shared.xpending(stream, "g"))["pending"]
+    pending_after = (await redis_client.xpending(stream, "g"))["pending"]
     doomed = {
-        row["name"]: row["pending"] for row in await shared.xinfo_consumers(stream, "g")
+        row["name"]: row["pending"]
+        for row in await redis_client.xinfo_consumers(stream, "g")
     }[b"doomed"]
     await binder.close()
-    await shared.delete(stream)
+    await redis_client.delete(stream)
 
     counts = Counter(id_of(d) for d in got)
     assert len(held) == hold
